@@ -1,0 +1,1 @@
+"""Protobuf schemas (.proto) and their generated modules (regenerate with `make proto`)."""
