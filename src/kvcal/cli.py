@@ -90,5 +90,14 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
+# --- gen-config (owned by the config work) ---
+
+
+# --- calibrate (owned by the runtime work) ---
+
+
+# --- inspect-record (owned by the record work) ---
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -26,3 +26,12 @@ def _escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+# --- gen-config rendering (owned by the config work) ---
+
+
+# --- record / overwrite report / inspect rendering (owned by the record work) ---
+
+
+# --- calibrate progress and summary rendering (owned by the runtime work) ---
