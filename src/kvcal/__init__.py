@@ -1,6 +1,13 @@
-"""kvcal: INT8 KV-cache calibration (IFMR / HFMG) for PyTorch models, AMCT-compatible."""
+"""kvcal: INT8 KV-cache calibration (IFMR / HFMG) for PyTorch models, AMCT-compatible.
+
+The AMCT-style API: `create_quant_cali_config`, `create_quant_cali_model`,
+`QuantCalibrationOp`. They are imported on first use, so `import kvcal` stays light.
+"""
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from kvcal.errors import (
     CalibrationError,
@@ -14,8 +21,17 @@ from kvcal.errors import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "QuantCalibrationOp": "kvcal.ops",
+    "create_quant_cali_model": "kvcal.calibrate",
+    "create_quant_cali_config": "kvcal.gen_config",
+}
+
 __all__ = [
     "__version__",
+    "QuantCalibrationOp",
+    "create_quant_cali_config",
+    "create_quant_cali_model",
     "KvcalError",
     "ConfigError",
     "DatasetError",
@@ -24,3 +40,9 @@ __all__ = [
     "CalibrationError",
     "DeviceError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvcal' has no attribute {name!r}")
