@@ -51,7 +51,11 @@ def _as_float(key: str, value: Any) -> float:
     """Accept int or float (never bool) and return a finite float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{key} must be a number, got {value!r} ({type(value).__name__})")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond float range (JSON allows any integer)
+        digits = len(str(abs(value)))
+        raise ValueError(f"{key} must be a finite number, got an integer of {digits} digits") from None
     if not math.isfinite(result):
         raise ValueError(f"{key} must be a finite number, got {value!r}")
     return result

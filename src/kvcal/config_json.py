@@ -1,0 +1,253 @@
+"""`CalibrationPlan` ↔ the per-layer JSON config, in AMCT's exact layout (FORMATS.md §2).
+
+Written as `json.dumps(..., indent=4, separators=(",", ":"))` with no trailing newline,
+like AMCT's `json.dump`. Reading is strict: every key, type and value is checked and
+errors name the file and the key or layer at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from kvcal.errors import ConfigError
+from kvcal.plan import (
+    AlgoParams,
+    CalibrationPlan,
+    HfmgParams,
+    IfmrParams,
+    LayerPlan,
+    check_batch_num,
+    check_layers_in_model,
+    parse_granularity,
+)
+from kvcal.simple_cfg import float32_value
+
+__all__ = ["plan_to_json", "write_config", "read_config", "GLOBAL_KEYS", "LAYER_KEY"]
+
+GLOBAL_KEYS = ("batch_num", "activation_offset")
+LAYER_KEY = "kv_data_quant_config"
+_IFMR_KEYS = (
+    "act_algo",
+    "max_percentile",
+    "min_percentile",
+    "search_range",
+    "search_step",
+    "asymmetric",
+    "quant_granularity",
+)
+_HFMG_KEYS = ("act_algo", "num_of_bins", "asymmetric", "quant_granularity")
+
+
+def plan_to_json(plan: CalibrationPlan) -> str:
+    """The JSON text of a plan: globals, then one entry per layer in plan order."""
+    document: dict[str, Any] = {"batch_num": plan.batch_num, "activation_offset": plan.activation_offset}
+    for layer in plan.layers:
+        if layer.name in document:
+            raise ConfigError(f"layer name {layer.name!r} collides with the global key of the same name")
+        document[layer.name] = {LAYER_KEY: _layer_entry(layer)}
+    return json.dumps(document, indent=4, separators=(",", ":"))
+
+
+def _layer_entry(layer: LayerPlan) -> dict[str, Any]:
+    params = layer.params
+    entry: dict[str, Any]
+    if isinstance(params, HfmgParams):
+        entry = {"act_algo": "hfmg", "num_of_bins": params.num_of_bins}
+    else:
+        entry = {
+            "act_algo": "ifmr",
+            "max_percentile": float32_value(params.max_percentile),
+            "min_percentile": float32_value(params.min_percentile),
+            "search_range": [float32_value(params.search_range[0]), float32_value(params.search_range[1])],
+            "search_step": float32_value(params.search_step),
+        }
+    if layer.asymmetric is not None:
+        entry["asymmetric"] = layer.asymmetric
+    entry["quant_granularity"] = int(layer.granularity)
+    return entry
+
+
+def write_config(plan: CalibrationPlan, path: str | os.PathLike[str]) -> None:
+    """Write the plan's JSON atomically: a temporary file in the same directory, fsync, rename.
+
+    An existing file is replaced whole; on any error it is left as it was.
+
+    Raises:
+        ConfigError: the file cannot be written (the reason is given).
+    """
+    target = os.fspath(path)
+    text = plan_to_json(plan)
+    directory = os.path.dirname(os.path.abspath(target))
+    if os.path.isdir(target):
+        raise ConfigError(f"cannot write config {target}: it is a directory")
+    temp_path: str | None = None
+    try:
+        fd, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp makes the file private; give it the mode a plain open() would.
+        os.chmod(temp_path, _new_file_mode(target))
+        os.replace(temp_path, target)
+        temp_path = None
+        _fsync_directory(directory)
+    except OSError as exc:
+        raise ConfigError(f"cannot write config {target}: {exc.strerror or exc}") from None
+    finally:
+        if temp_path is not None:
+            try:
+                os.unlink(temp_path)
+            except OSError:
+                pass
+
+
+def _new_file_mode(target: str) -> int:
+    try:
+        return os.stat(target).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the rename durable where the platform allows opening a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def read_config(path: str | os.PathLike[str], model: nn.Module | None = None) -> CalibrationPlan:
+    """Read and validate a JSON config into a plan.
+
+    Missing globals take their defaults (batch_num 1, activation_offset true) and missing
+    layer keys theirs (act_algo "ifmr" and the FORMATS.md §3 defaults); every key present
+    must be known, of the right type and in range.
+
+    Raises:
+        ConfigError: naming the file and the key or layer at fault.
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {source}: {exc.strerror or exc}") from None
+    try:
+        document = json.loads(text, object_pairs_hook=_pairs_without_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{source}: duplicated key {exc.key!r} in a JSON object") from None
+    except ValueError as exc:
+        raise ConfigError(f"{source}: invalid JSON: {exc}") from None
+    plan = _plan_from_document(document, source)
+    if model is not None:
+        check_layers_in_model(plan.layer_names, model, source)
+    return plan
+
+
+def _plan_from_document(document: Any, source: str) -> CalibrationPlan:
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: the config must be a JSON object, got {type(document).__name__}")
+    batch_num = _checked(source, check_batch_num, document.get("batch_num", 1))
+    activation_offset = document.get("activation_offset", True)
+    if not isinstance(activation_offset, bool):
+        raise ConfigError(f"{source}: key 'activation_offset' must be true or false, got {activation_offset!r}")
+    layers = tuple(
+        _layer_from_entry(source, name, entry) for name, entry in document.items() if name not in GLOBAL_KEYS
+    )
+    if not layers:
+        raise ConfigError(f"{source}: no layers to calibrate: the config has only the global keys")
+    return CalibrationPlan(batch_num=batch_num, activation_offset=activation_offset, layers=layers)
+
+
+def _checked(where: str, check: Callable[[Any], Any], value: Any) -> Any:
+    """`check(value)`, its TypeError/ValueError (which names the key) prefixed with `where`."""
+    try:
+        return check(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _layer_from_entry(source: str, name: str, entry: Any) -> LayerPlan:
+    where = f"{source}: layer {name!r}"
+    if not name:
+        raise ConfigError(f"{source}: empty layer name")
+    if not isinstance(entry, dict):
+        raise ConfigError(
+            f"{where}: the entry must be an object {{{LAYER_KEY!r}: {{...}}}}, got {json.dumps(entry)}"
+        )
+    unknown = [key for key in entry if key != LAYER_KEY]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; the only accepted key is {LAYER_KEY!r}")
+    if LAYER_KEY not in entry:
+        raise ConfigError(f"{where}: missing key {LAYER_KEY!r}")
+    config = entry[LAYER_KEY]
+    where = f"{where}: {LAYER_KEY}"
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where} must be an object, got {json.dumps(config)}")
+    algo = config.get("act_algo", "ifmr")
+    if not isinstance(algo, str) or algo not in ("ifmr", "hfmg"):
+        raise ConfigError(f"{where}: act_algo must be 'ifmr' or 'hfmg', got {algo!r}")
+    accepted = _IFMR_KEYS if algo == "ifmr" else _HFMG_KEYS
+    other = _HFMG_KEYS if algo == "ifmr" else _IFMR_KEYS
+    for key in config:
+        if key not in accepted:
+            kind = f"a key of the other algorithm, not of act_algo {algo!r}" if key in other else "unknown key"
+            raise ConfigError(f"{where}: {kind} {key!r}; accepted keys for {algo}: {', '.join(accepted)}")
+    params: AlgoParams
+    try:
+        if algo == "hfmg":
+            params = HfmgParams(**{k: config[k] for k in ("num_of_bins",) if k in config})
+        else:
+            search_range = config.get("search_range", [])
+            if not isinstance(search_range, list):
+                raise TypeError(f"search_range must be a list of two numbers [start, end], got {search_range!r}")
+            params = IfmrParams(**{k: config[k] for k in _IFMR_KEYS[1:5] if k in config})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    granularity = config.get("quant_granularity", 0)
+    # The writer always writes the integer; strings and bools are a wrong type here.
+    if isinstance(granularity, bool) or not isinstance(granularity, int):
+        raise ConfigError(f"{where}: quant_granularity must be the integer 0 or 1, got {granularity!r}")
+    granularity = _checked(where, parse_granularity, granularity)
+    asymmetric = config.get("asymmetric")
+    if "asymmetric" in config and not isinstance(asymmetric, bool):
+        raise ConfigError(f"{where}: asymmetric must be true or false, got {asymmetric!r}")
+    return LayerPlan(name=name, params=params, granularity=granularity, asymmetric=asymmetric)

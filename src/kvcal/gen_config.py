@@ -1,0 +1,126 @@
+"""Build the per-layer JSON config of a model: `kvcal gen-config` and `create_quant_cali_config`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from kvcal.config_json import write_config
+from kvcal.errors import ConfigError
+from kvcal.plan import CalibrationPlan
+from kvcal.simple_cfg import load_cfg, plan_from_layers
+
+__all__ = ["generate_config", "create_quant_cali_config", "split_layer_names"]
+
+QUANT_LAYERS_KEY = "kv_cache_quant_layers"
+
+
+def generate_config(
+    *,
+    model: nn.Module,
+    output: str | os.PathLike[str],
+    cfg: str | os.PathLike[str] | None = None,
+    quant_layers: Sequence[str] | None = None,
+) -> CalibrationPlan:
+    """Validate a `.cfg` (or a list of layers, given IFMR defaults) against `model` and write the JSON.
+
+    Exactly one of `cfg` and `quant_layers` is given. Nothing is written on error; an
+    existing `output` is replaced whole only once everything is valid.
+
+    Returns:
+        The plan that was written.
+
+    Raises:
+        ConfigError: an invalid `.cfg` or layer list, or an output that cannot be written.
+        ValueError: both or neither of `cfg` and `quant_layers`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if cfg is not None and quant_layers is None:
+        _refuse_same_file(cfg, output)
+        plan = load_cfg(cfg, model)
+    elif cfg is None and quant_layers is not None:
+        plan = plan_from_layers(quant_layers, model)
+    else:
+        raise ValueError("give exactly one of cfg (a .cfg file) and quant_layers (a list of layer names)")
+    write_config(plan, output)
+    return plan
+
+
+def _refuse_same_file(cfg: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
+    """Writing the JSON over the `.cfg` it comes from would destroy the user's input."""
+    try:
+        same = os.path.samefile(cfg, output)
+    except OSError:
+        same = False
+    if same:
+        raise ConfigError(f"the output {os.fspath(output)} is the .cfg file itself; choose another output path")
+
+
+def split_layer_names(values: Sequence[str]) -> list[str]:
+    """`--quant-layers` values (each `NAME[,NAME...]`, repeatable) → names, spaces stripped.
+
+    Raises:
+        ConfigError: an empty name (e.g. `a,,b` or a trailing comma).
+    """
+    names: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if not name:
+                raise ConfigError(f"--quant-layers {value!r}: empty layer name")
+            names.append(name)
+    return names
+
+
+def create_quant_cali_config(
+    config_file: str | os.PathLike[str],
+    model: nn.Module,
+    quant_layers: Mapping[str, Sequence[str]] | None = None,
+    config_defination: str | os.PathLike[str] | None = None,
+) -> None:
+    """AMCT's API: write the JSON config `config_file` for `model`.
+
+    Args:
+        config_file: the JSON config to write (replaced whole if it exists).
+        model: the model whose Linear layers are configured.
+        quant_layers: `{'kv_cache_quant_layers': [names]}`, every layer getting the IFMR defaults.
+        config_defination: (sic, AMCT's spelling) a `.cfg` file; it wins over `quant_layers`.
+
+    Raises:
+        TypeError: an argument of the wrong type.
+        ValueError: neither `quant_layers` nor `config_defination`, or a bad `quant_layers` key.
+        ConfigError: an invalid `.cfg` or layer list (nothing is written).
+    """
+    if not isinstance(config_file, (str, os.PathLike)):
+        raise TypeError(f"config_file must be a path, got {config_file!r} ({type(config_file).__name__})")
+    if config_defination is not None:
+        if not isinstance(config_defination, (str, os.PathLike)):
+            raise TypeError(
+                f"config_defination must be the path of a .cfg file, got {config_defination!r} "
+                f"({type(config_defination).__name__})"
+            )
+        generate_config(model=model, output=config_file, cfg=config_defination)
+        return
+    if quant_layers is None:
+        raise ValueError("give quant_layers={'kv_cache_quant_layers': [names]} or config_defination='quant.cfg'")
+    generate_config(model=model, output=config_file, quant_layers=_layers_from_mapping(quant_layers))
+
+
+def _layers_from_mapping(quant_layers: Any) -> list[str]:
+    if not isinstance(quant_layers, Mapping):
+        raise TypeError(
+            f"quant_layers must be a dict {{'{QUANT_LAYERS_KEY}': [names]}}, got {type(quant_layers).__name__}"
+        )
+    unknown = [key for key in quant_layers if key != QUANT_LAYERS_KEY]
+    if unknown:
+        raise ValueError(f"quant_layers has unknown key {unknown[0]!r}; the only accepted key is {QUANT_LAYERS_KEY!r}")
+    names = quant_layers.get(QUANT_LAYERS_KEY)
+    if names is None:
+        raise ValueError(f"quant_layers must have the key {QUANT_LAYERS_KEY!r}")
+    if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"quant_layers[{QUANT_LAYERS_KEY!r}] must be a list of layer names, got {names!r}")
+    return list(names)

@@ -1,0 +1,3 @@
+"""Imported by entry_points.py through its directory on sys.path."""
+
+HIDDEN = 5
