@@ -93,10 +93,198 @@ def main(ctx: click.Context, debug: bool) -> None:
 # --- gen-config (owned by the config work) ---
 
 
+@main.command("gen-config")
+@model_options
+@click.option(
+    "--cfg",
+    "cfg",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="QUANT.cfg",
+    help="Simple config (protobuf text format, AMCTQuantCaliConfig) naming the layers and their settings.",
+)
+@click.option(
+    "--quant-layers",
+    "quant_layers",
+    multiple=True,
+    metavar="NAME[,NAME...]",
+    help="Layers to calibrate with the IFMR defaults, instead of --cfg. Comma-separated; repeatable.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    metavar="CONFIG.json",
+    help="JSON config to write (replaced whole; left untouched on error).",
+)
+@handle_errors
+def gen_config_command(
+    model_entry: str,
+    model_args: tuple[str, ...],
+    checkpoint: str | None,
+    cfg: str | None,
+    quant_layers: tuple[str, ...],
+    output: str,
+) -> None:
+    """Build the per-layer JSON config of a model from a .cfg or a list of layers.
+
+    \b
+    Examples:
+      kvcal gen-config --model scripts/demo_model.py:build --cfg configs/example.cfg -o config.json
+      kvcal gen-config --model scripts/demo_model.py:build --model-arg num_layers=4 \\
+          --quant-layers model.layers.0.self_attn.k_proj,model.layers.0.self_attn.v_proj -o config.json
+    """
+    if (cfg is None) == (not quant_layers):
+        raise click.UsageError("give exactly one of --cfg and --quant-layers")
+    from kvcal.gen_config import generate_config, split_layer_names
+    from kvcal.model_loader import load_model
+    from kvcal.output import render_gen_config
+
+    names = split_layer_names(quant_layers) if quant_layers else None
+    model = load_model(model_entry, model_args, checkpoint)
+    plan = generate_config(model=model, output=output, cfg=cfg, quant_layers=names)
+    render_gen_config(plan, output)
+
+
 # --- calibrate (owned by the runtime work) ---
 
 
+@main.command("calibrate")
+@model_options
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    metavar="CONFIG.json",
+    help="Per-layer JSON config written by gen-config (validated against the model).",
+)
+@click.option(
+    "--dataset",
+    "dataset_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Directory of data files (.pt/.pth/.npy/.npz/.safetensors), one batch each, in file-name order.",
+)
+@click.option(
+    "--record",
+    "record_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    metavar="RECORD.txt",
+    help="Record to merge the factors into (created if missing; other entries are kept).",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    metavar="auto|cpu|cuda[:N]|npu[:N]",
+    help="Where the model and the calibration run; auto picks an Ascend NPU, else CUDA, else the CPU.",
+)
+@click.option("--dry-run", is_flag=True, help="Calibrate and report, but write no record.")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="REPORT.json",
+    help="Also write the summary and the overwrite report as JSON.",
+)
+@click.option(
+    "--quiet", "-q", is_flag=True, help="No progress bar, summary or overwrite report; errors and warnings only."
+)
+@click.option("--force", is_flag=True, help="Move an unreadable record aside to RECORD.txt.bak and write a fresh one.")
+@handle_errors
+def calibrate_command(
+    model_entry: str,
+    model_args: tuple[str, ...],
+    checkpoint: str | None,
+    config_path: str,
+    dataset_dir: str,
+    record_path: str,
+    device: str,
+    dry_run: bool,
+    report_path: str | None,
+    quiet: bool,
+    force: bool,
+) -> None:
+    """Run the dataset through the model, compute each layer's INT8 KV-cache factors, merge them into the record.
+
+    \b
+    Example:
+      kvcal calibrate --model scripts/demo_model.py:build --config config.json \\
+          --dataset demo_out/data --record record.txt --report report.json
+    """
+    from kvcal.calibrate import calibrate_from_files
+    from kvcal.output import (
+        calibration_progress,
+        library_warnings,
+        render_calibration_summary,
+        render_overwrite_report,
+    )
+
+    with library_warnings(), calibration_progress(enabled=not quiet) as progress:
+        result = calibrate_from_files(
+            model_entry=model_entry,
+            model_args=model_args,
+            checkpoint=checkpoint,
+            config_path=config_path,
+            dataset_dir=dataset_dir,
+            record_path=record_path,
+            device=device,
+            dry_run=dry_run,
+            force=force,
+            report_path=report_path,
+            progress=progress,
+        )
+    if not quiet:
+        render_calibration_summary(result)
+        render_overwrite_report(result.report)
+
+
 # --- inspect-record (owned by the record work) ---
+
+
+@main.command("inspect-record")
+@click.argument("record", type=click.Path())
+@click.option(
+    "--layer",
+    "layers",
+    multiple=True,
+    metavar="NAME",
+    help="Show every channel's scale and offset of this layer (with --diff: limit the diff to it). Repeatable.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the same information as JSON on stdout.")
+@click.option(
+    "--diff",
+    "other",
+    type=click.Path(),
+    default=None,
+    metavar="OTHER",
+    help="Compare RECORD (old) with OTHER (new) layer by layer: added, removed, changed, unchanged.",
+)
+@handle_errors
+def inspect_record_command(record: str, layers: tuple[str, ...], as_json: bool, other: str | None) -> None:
+    """Show what a record file holds: layer, kind, channels, scale and offset ranges.
+
+    \b
+    Examples:
+      kvcal inspect-record record.txt
+      kvcal inspect-record record.txt --layer model.layers.0.self_attn.k_proj
+      kvcal inspect-record old_record.txt --diff record.txt --json
+    """
+    import json
+
+    from kvcal.output import render_inspection
+    from kvcal.record_inspect import inspect_record
+
+    result = inspect_record(record, layers=layers, diff=other)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, allow_nan=False))
+    else:
+        render_inspection(result)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ __all__ = [
     "RecordError",
     "CalibrationError",
     "DeviceError",
+    "RecordOverwriteWarning",
 ]
 
 
@@ -39,3 +40,7 @@ class CalibrationError(KvcalError):
 
 class DeviceError(KvcalError):
     """A device that was asked for and is not available."""
+
+
+class RecordOverwriteWarning(UserWarning):
+    """A record entry's old KV-cache factors were replaced by different ones (old -> new in the message)."""

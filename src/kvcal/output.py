@@ -6,6 +6,11 @@ API's warnings) turns it into text. Coloured on a terminal, plain otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
 from rich.console import Console
 
 __all__ = ["err_console", "print_error", "print_warning"]
@@ -31,7 +36,319 @@ def _escape(text: str) -> str:
 # --- gen-config rendering (owned by the config work) ---
 
 
+def render_gen_config(plan: Any, output: str) -> None:
+    """The table of configured layers and their settings, then where the JSON went.
+
+    Args:
+        plan: the `kvcal.plan.CalibrationPlan` that was written.
+        output: the JSON config path.
+    """
+    from rich.table import Table
+
+    from kvcal.plan import HfmgParams
+
+    offset = "true" if plan.activation_offset else "false"
+    table = Table(
+        title=f"{len(plan.layers)} layer(s), batch_num {plan.batch_num}, activation_offset {offset}",
+        title_justify="left",
+    )
+    table.add_column("layer", overflow="fold")
+    table.add_column("algo")
+    table.add_column("granularity")
+    table.add_column("asymmetric")
+    table.add_column("parameters", overflow="fold")
+    for layer in plan.layers:
+        params = layer.params
+        if isinstance(params, HfmgParams):
+            detail = f"num_of_bins {params.num_of_bins}"
+        else:
+            start, end = params.search_range
+            detail = (
+                f"percentiles {params.max_percentile}/{params.min_percentile}, "
+                f"search [{start}, {end}) step {params.search_step}"
+            )
+        if layer.asymmetric is None:
+            asymmetric = f"{'yes' if plan.activation_offset else 'no'} (global)"
+        else:
+            asymmetric = "yes" if layer.asymmetric else "no"
+        granularity = "per_channel" if layer.granularity == 1 else "per_tensor"
+        table.add_row(_escape(layer.name), params.algo, granularity, asymmetric, detail)
+    err_console.print(table)
+    err_console.print(f"wrote {_escape(str(output))}", soft_wrap=True)
+
+
 # --- record / overwrite report / inspect rendering (owned by the record work) ---
+
+from typing import TYPE_CHECKING  # noqa: E402  (section-local; may move to the top)
+
+if TYPE_CHECKING:  # the record modules are imported on use, keeping `import kvcal.output` light
+    from collections.abc import Sequence
+
+    from rich.table import Table
+    from rich.text import Text
+
+    from kvcal.record import OverwriteReport
+    from kvcal.record_inspect import RecordDetail, RecordDiff, RecordSummary
+
+_REC_STATUS_STYLE = {
+    "new": "green",
+    "changed": "yellow",
+    "unchanged": "dim",
+    "added": "green",
+    "removed": "red",
+}
+
+
+def _rec_table(title: str, caption: str | None, columns: Sequence[str], rows: Sequence[Sequence[Text]]) -> Table:
+    """A table that folds long cells rather than cutting them short with "…"."""
+    from rich.table import Table
+
+    table = Table(title=title or None, caption=caption, title_justify="left", caption_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _rec_print(table: Table) -> None:
+    """Print a `_rec_table`: its title and caption as lines of their own (soft-wrapped, so a
+    long path or layer name is not broken to the width of a narrow table), then the table."""
+    from rich.text import Text
+
+    title, caption = table.title, table.caption
+    table.title = table.caption = None
+    if title:
+        err_console.print(Text(str(title), style="bold"), soft_wrap=True)
+    if err_console.is_terminal:
+        err_console.print(table)
+    else:
+        # Plain output (a pipe, a log file) is not wrapped at 80 columns: each row stays on
+        # one line, whole, for grep and for tests; a terminal gets the table fitted to it.
+        from rich.console import Console
+        from rich.measure import Measurement
+
+        needed = Measurement.get(err_console, err_console.options.update_width(100_000), table).maximum
+        wide = Console(file=err_console.file, width=max(needed, err_console.width), highlight=False, color_system=None)
+        wide.print(table)
+    for line in str(caption).splitlines() if caption else ():
+        err_console.print(Text(line), soft_wrap=True)
+
+
+def _rec_cell(text: object, style: str = "") -> Text:
+    from rich.text import Text
+
+    return Text(str(text), style=style)  # Text, not markup: layer names may contain "[...]"
+
+
+def _rec_num(value: object) -> str:
+    from kvcal.record import f32_text
+
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f32_text(value)
+    return str(value)
+
+
+def render_overwrite_report(report: OverwriteReport) -> None:
+    """The overwrite report as a table on stderr: layer, status, scale and offset old → new."""
+    counts = report.counts()
+    summary = f"{counts['new']} new, {counts['changed']} changed, {counts['unchanged']} unchanged"
+    if report.dry_run:
+        outcome = "dry run: nothing written"
+    elif report.written:
+        outcome = "written"
+    else:
+        outcome = "nothing changed: record not rewritten"
+    lines = [f"{summary}; {outcome}"]
+    if report.backup is not None:
+        verb = "would be moved" if report.dry_run else "moved"
+        lines.append(f"the unreadable record {verb} aside to {report.backup}")
+    rows = [
+        (
+            _rec_cell(change.layer),
+            _rec_cell(change.status, _REC_STATUS_STYLE.get(change.status, "")),
+            _rec_cell(change.scale_text()),
+            _rec_cell(change.offset_text()),
+        )
+        for change in report.layers
+    ]
+    columns = ("Layer", "Status", "Scale", "Offset")
+    _rec_print(_rec_table(f"Record {report.record}", "\n".join(lines), columns, rows))
+
+
+def _rec_range(lo: object, hi: object) -> str:
+    return _rec_num(lo) if lo == hi else f"{_rec_num(lo)} … {_rec_num(hi)}"
+
+
+def _rec_render_summary(summary: RecordSummary) -> None:
+    caption = f"{len(summary.entries)} rows"
+    if summary.prune_records:
+        caption += f"; {summary.prune_records} prune records"
+    rows = [
+        (
+            _rec_cell(e.layer),
+            _rec_cell(e.kind),
+            _rec_cell(e.channels),
+            _rec_cell(_rec_range(e.scale_min, e.scale_max)),
+            _rec_cell(_rec_range(e.offset_min, e.offset_max)),
+        )
+        for e in summary.entries
+    ]
+    columns = ("Layer", "Kind", "Channels", "Scale min … max", "Offset min … max")
+    _rec_print(_rec_table(f"Record {summary.record}", caption, columns, rows))
+
+
+def _rec_render_detail(detail: RecordDetail) -> None:
+    for layer in detail.layers:
+        rows = [
+            (
+                _rec_cell(i),
+                _rec_cell(_rec_num(layer.scale[i]) if i < len(layer.scale) else "-"),
+                _rec_cell(layer.offset[i] if i < len(layer.offset) else "-"),
+            )
+            for i in range(layer.channels)
+        ]
+        plural = "" if layer.channels == 1 else "s"
+        title = f"{layer.layer} ({layer.kind}, {layer.channels} channel{plural})"
+        _rec_print(_rec_table(title, None, ("Channel", "Scale", "Offset"), rows))
+
+
+def _rec_render_diff(diff: RecordDiff) -> None:
+    counts = diff.counts()
+    caption = ", ".join(f"{n} {status}" for status, n in counts.items())
+    caption += "; prune records " + ("equal" if diff.prune_records_equal else "differ")
+    rows = []
+    for row in diff.layers:
+        d = row.delta
+        if row.channels_a is not None and row.channels_b is not None and row.channels_a != row.channels_b:
+            channels = f"{row.channels_a} → {row.channels_b}"
+        else:
+            channels = str(row.channels_b if row.channels_b is not None else row.channels_a)
+        if d is None or d.channels_changed is None:
+            changed = scale = offset = "-"
+        else:
+            changed = f"{d.channels_changed}/{d.channels_new}"
+            scale = f"{d.max_abs_scale_change:.3g}" if d.max_abs_scale_change is not None else "-"
+            if d.max_rel_scale_change is not None and d.scale_changed:
+                scale += f" ({d.max_rel_scale_change:.2%})"
+            offset = str(d.max_offset_change)
+        rows.append(
+            (
+                _rec_cell(row.layer),
+                _rec_cell(row.kind),
+                _rec_cell(row.status, _REC_STATUS_STYLE.get(row.status, "")),
+                _rec_cell(channels),
+                _rec_cell(changed),
+                _rec_cell(scale),
+                _rec_cell(offset),
+            )
+        )
+    columns = ("Layer", "Kind", "Status", "Channels", "Changed", "Largest scale Δ", "Largest offset Δ")
+    _rec_print(_rec_table(f"{diff.a} → {diff.b}", caption, columns, rows))
+
+
+def render_inspection(result: RecordSummary | RecordDetail | RecordDiff) -> None:
+    """Render what `kvcal.record_inspect.inspect_record` returned, as tables on stderr."""
+    from kvcal.record_inspect import RecordDetail, RecordDiff, RecordSummary
+
+    if isinstance(result, RecordSummary):
+        _rec_render_summary(result)
+    elif isinstance(result, RecordDetail):
+        _rec_render_detail(result)
+    elif isinstance(result, RecordDiff):
+        _rec_render_diff(result)
+    else:
+        raise TypeError(f"cannot render {type(result).__name__}")
 
 
 # --- calibrate progress and summary rendering (owned by the runtime work) ---
+
+
+class _KvcalLogHandler(logging.Handler):
+    """Prints warnings logged by the library (e.g. skipped data files) as `warning:` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print_warning(record.getMessage())
+        except Exception:  # a broken record must not break the command
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def library_warnings() -> Iterator[None]:
+    """Route the `kvcal` logger's warnings to stderr as `warning:` lines, for one command."""
+    logger = logging.getLogger("kvcal")
+    handler = _KvcalLogHandler(level=logging.WARNING)
+    logger.addHandler(handler)
+    # Not propagated: the root logger's last-resort handler would print them a second time.
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+@contextlib.contextmanager
+def calibration_progress(*, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr (batches done / needed, elapsed, ETA), fed by the callback yielded.
+
+    The callback takes (done, total). Rich draws it live on a terminal and prints the
+    final state once otherwise. Disabled: the callback does nothing.
+    """
+    if not enabled:
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("calibrating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("batches"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    task = progress.add_task("calibrate", total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+def _range(low: float | int, high: float | int, fmt: Callable[[Any], str] = str) -> str:
+    return fmt(low) if low == high else f"{fmt(low)} … {fmt(high)}"
+
+
+def render_calibration_summary(result: Any) -> None:
+    """The per-layer table of a `kvcal.calibrate.CalibrationResult`, on stderr."""
+    from kvcal.calibrate import SQNR_BASIS
+
+    columns = ("Layer", "Algorithm", "Granularity", "Channels", "Scale", "Offset", "SQNR dB")
+    rows = []
+    for layer in result.layers:
+        sqnr = layer.sqnr_db
+        rows.append(
+            [
+                _rec_cell(layer.name),
+                _rec_cell(f"{layer.algorithm} ({'asym' if layer.asymmetric else 'sym'})"),
+                _rec_cell(layer.granularity),
+                _rec_cell(layer.channels),
+                _rec_cell(_range(layer.scale_min, layer.scale_max, _rec_num)),
+                _rec_cell(_range(layer.offset_min, layer.offset_max)),
+                _rec_cell("inf" if sqnr == float("inf") else f"{sqnr:.2f}"),
+            ]
+        )
+    files = "file" if result.batches_used == 1 else "files"
+    caption = (
+        f"{result.batches_used} data {files} used (batch_num {result.batch_num}) on {result.device}; "
+        f"SQNR: quantization error of the {SQNR_BASIS}"
+    )
+    # Same table style and plain-output width rule as the record tables above.
+    _rec_print(_rec_table("KV-cache calibration", caption, columns, rows))

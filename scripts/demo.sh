@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# `make demo`: the whole kvcal flow on the small demo decoder, in a few seconds.
+#   demo data -> gen-config (configs/example.cfg) -> calibrate -> inspect-record,
+#   then a re-calibration with another config to show the overwrite report.
+# Everything lands in demo_out/ (git-ignored), recreated on each run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -x .venv/bin/kvcal ]]; then
+    KVCAL=.venv/bin/kvcal
+    PYTHON=.venv/bin/python
+else
+    KVCAL=kvcal
+    PYTHON=python3
+fi
+MODEL=scripts/demo_model.py:build
+OUT=demo_out
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+step "1. demo data: token-id batches in $OUT/data"
+"$PYTHON" scripts/make_demo_data.py "$OUT/data" --batches 4
+
+step "2. gen-config: configs/example.cfg -> $OUT/config.json"
+"$KVCAL" gen-config --model "$MODEL" --cfg configs/example.cfg -o "$OUT/config.json"
+
+step "3. calibrate -> $OUT/record.txt (report in $OUT/report.json)"
+"$KVCAL" calibrate --model "$MODEL" --config "$OUT/config.json" --dataset "$OUT/data" \
+    --record "$OUT/record.txt" --report "$OUT/report.json" --device auto
+
+step "4. inspect-record"
+"$KVCAL" inspect-record "$OUT/record.txt"
+
+step "5. re-calibrate with configs/hfmg_per_channel.cfg: the overwrite report shows old -> new"
+"$KVCAL" gen-config --model "$MODEL" --cfg configs/hfmg_per_channel.cfg -o "$OUT/config_per_channel.json"
+cp "$OUT/record.txt" "$OUT/record_example.txt"
+"$KVCAL" calibrate --model "$MODEL" --config "$OUT/config_per_channel.json" --dataset "$OUT/data" \
+    --record "$OUT/record.txt" --device auto
+
+step "6. inspect-record --diff: the first calibration against the second"
+"$KVCAL" inspect-record "$OUT/record_example.txt" --diff "$OUT/record.txt"
+
+step "done: $OUT/config.json, $OUT/record.txt, $OUT/report.json"
