@@ -9,11 +9,30 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-__all__ = ["err_console", "print_error", "print_warning"]
+if TYPE_CHECKING:  # the record modules are imported on use, keeping `import kvcal.output` light
+    from collections.abc import Sequence
+
+    from rich.table import Table
+    from rich.text import Text
+
+    from kvcal.record import OverwriteReport
+    from kvcal.record_inspect import RecordDetail, RecordDiff, RecordSummary
+
+__all__ = [
+    "err_console",
+    "print_error",
+    "print_warning",
+    "render_gen_config",
+    "render_overwrite_report",
+    "render_inspection",
+    "library_warnings",
+    "calibration_progress",
+    "render_calibration_summary",
+]
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -43,20 +62,10 @@ def render_gen_config(plan: Any, output: str) -> None:
         plan: the `kvcal.plan.CalibrationPlan` that was written.
         output: the JSON config path.
     """
-    from rich.table import Table
-
     from kvcal.plan import HfmgParams
 
     offset = "true" if plan.activation_offset else "false"
-    table = Table(
-        title=f"{len(plan.layers)} layer(s), batch_num {plan.batch_num}, activation_offset {offset}",
-        title_justify="left",
-    )
-    table.add_column("layer", overflow="fold")
-    table.add_column("algo")
-    table.add_column("granularity")
-    table.add_column("asymmetric")
-    table.add_column("parameters", overflow="fold")
+    rows = []
     for layer in plan.layers:
         params = layer.params
         if isinstance(params, HfmgParams):
@@ -72,25 +81,15 @@ def render_gen_config(plan: Any, output: str) -> None:
         else:
             asymmetric = "yes" if layer.asymmetric else "no"
         granularity = "per_channel" if layer.granularity == 1 else "per_tensor"
-        table.add_row(_escape(layer.name), params.algo, granularity, asymmetric, detail)
-    err_console.print(table)
-    err_console.print(f"wrote {_escape(str(output))}", soft_wrap=True)
+        rows.append([_cell(layer.name), _cell(params.algo), _cell(granularity), _cell(asymmetric), _cell(detail)])
+    title = f"{len(plan.layers)} layer(s), batch_num {plan.batch_num}, activation_offset {offset}"
+    columns = ("Layer", "Algorithm", "Granularity", "Asymmetric", "Parameters")
+    _print_table(_table(title, f"wrote {output}", columns, rows))
 
 
 # --- record / overwrite report / inspect rendering (owned by the record work) ---
 
-from typing import TYPE_CHECKING  # noqa: E402  (section-local; may move to the top)
-
-if TYPE_CHECKING:  # the record modules are imported on use, keeping `import kvcal.output` light
-    from collections.abc import Sequence
-
-    from rich.table import Table
-    from rich.text import Text
-
-    from kvcal.record import OverwriteReport
-    from kvcal.record_inspect import RecordDetail, RecordDiff, RecordSummary
-
-_REC_STATUS_STYLE = {
+_STATUS_STYLE = {
     "new": "green",
     "changed": "yellow",
     "unchanged": "dim",
@@ -99,7 +98,7 @@ _REC_STATUS_STYLE = {
 }
 
 
-def _rec_table(title: str, caption: str | None, columns: Sequence[str], rows: Sequence[Sequence[Text]]) -> Table:
+def _table(title: str, caption: str | None, columns: Sequence[str], rows: Sequence[Sequence[Text]]) -> Table:
     """A table that folds long cells rather than cutting them short with "…"."""
     from rich.table import Table
 
@@ -111,8 +110,8 @@ def _rec_table(title: str, caption: str | None, columns: Sequence[str], rows: Se
     return table
 
 
-def _rec_print(table: Table) -> None:
-    """Print a `_rec_table`: its title and caption as lines of their own (soft-wrapped, so a
+def _print_table(table: Table) -> None:
+    """Print a `_table`: its title and caption as lines of their own (soft-wrapped, so a
     long path or layer name is not broken to the width of a narrow table), then the table."""
     from rich.text import Text
 
@@ -135,13 +134,13 @@ def _rec_print(table: Table) -> None:
         err_console.print(Text(line), soft_wrap=True)
 
 
-def _rec_cell(text: object, style: str = "") -> Text:
+def _cell(text: object, style: str = "") -> Text:
     from rich.text import Text
 
     return Text(str(text), style=style)  # Text, not markup: layer names may contain "[...]"
 
 
-def _rec_num(value: object) -> str:
+def _num(value: object) -> str:
     from kvcal.record import f32_text
 
     if value is None:
@@ -167,55 +166,55 @@ def render_overwrite_report(report: OverwriteReport) -> None:
         lines.append(f"the unreadable record {verb} aside to {report.backup}")
     rows = [
         (
-            _rec_cell(change.layer),
-            _rec_cell(change.status, _REC_STATUS_STYLE.get(change.status, "")),
-            _rec_cell(change.scale_text()),
-            _rec_cell(change.offset_text()),
+            _cell(change.layer),
+            _cell(change.status, _STATUS_STYLE.get(change.status, "")),
+            _cell(change.scale_text()),
+            _cell(change.offset_text()),
         )
         for change in report.layers
     ]
     columns = ("Layer", "Status", "Scale", "Offset")
-    _rec_print(_rec_table(f"Record {report.record}", "\n".join(lines), columns, rows))
+    _print_table(_table(f"Record {report.record}", "\n".join(lines), columns, rows))
 
 
-def _rec_range(lo: object, hi: object) -> str:
-    return _rec_num(lo) if lo == hi else f"{_rec_num(lo)} … {_rec_num(hi)}"
+def _num_range(lo: object, hi: object) -> str:
+    return _num(lo) if lo == hi else f"{_num(lo)} … {_num(hi)}"
 
 
-def _rec_render_summary(summary: RecordSummary) -> None:
+def _render_summary(summary: RecordSummary) -> None:
     caption = f"{len(summary.entries)} rows"
     if summary.prune_records:
         caption += f"; {summary.prune_records} prune records"
     rows = [
         (
-            _rec_cell(e.layer),
-            _rec_cell(e.kind),
-            _rec_cell(e.channels),
-            _rec_cell(_rec_range(e.scale_min, e.scale_max)),
-            _rec_cell(_rec_range(e.offset_min, e.offset_max)),
+            _cell(e.layer),
+            _cell(e.kind),
+            _cell(e.channels),
+            _cell(_num_range(e.scale_min, e.scale_max)),
+            _cell(_num_range(e.offset_min, e.offset_max)),
         )
         for e in summary.entries
     ]
     columns = ("Layer", "Kind", "Channels", "Scale min … max", "Offset min … max")
-    _rec_print(_rec_table(f"Record {summary.record}", caption, columns, rows))
+    _print_table(_table(f"Record {summary.record}", caption, columns, rows))
 
 
-def _rec_render_detail(detail: RecordDetail) -> None:
+def _render_detail(detail: RecordDetail) -> None:
     for layer in detail.layers:
         rows = [
             (
-                _rec_cell(i),
-                _rec_cell(_rec_num(layer.scale[i]) if i < len(layer.scale) else "-"),
-                _rec_cell(layer.offset[i] if i < len(layer.offset) else "-"),
+                _cell(i),
+                _cell(_num(layer.scale[i]) if i < len(layer.scale) else "-"),
+                _cell(layer.offset[i] if i < len(layer.offset) else "-"),
             )
             for i in range(layer.channels)
         ]
         plural = "" if layer.channels == 1 else "s"
         title = f"{layer.layer} ({layer.kind}, {layer.channels} channel{plural})"
-        _rec_print(_rec_table(title, None, ("Channel", "Scale", "Offset"), rows))
+        _print_table(_table(title, None, ("Channel", "Scale", "Offset"), rows))
 
 
-def _rec_render_diff(diff: RecordDiff) -> None:
+def _render_diff(diff: RecordDiff) -> None:
     counts = diff.counts()
     caption = ", ".join(f"{n} {status}" for status, n in counts.items())
     caption += "; prune records " + ("equal" if diff.prune_records_equal else "differ")
@@ -236,17 +235,17 @@ def _rec_render_diff(diff: RecordDiff) -> None:
             offset = str(d.max_offset_change)
         rows.append(
             (
-                _rec_cell(row.layer),
-                _rec_cell(row.kind),
-                _rec_cell(row.status, _REC_STATUS_STYLE.get(row.status, "")),
-                _rec_cell(channels),
-                _rec_cell(changed),
-                _rec_cell(scale),
-                _rec_cell(offset),
+                _cell(row.layer),
+                _cell(row.kind),
+                _cell(row.status, _STATUS_STYLE.get(row.status, "")),
+                _cell(channels),
+                _cell(changed),
+                _cell(scale),
+                _cell(offset),
             )
         )
     columns = ("Layer", "Kind", "Status", "Channels", "Changed", "Largest scale Δ", "Largest offset Δ")
-    _rec_print(_rec_table(f"{diff.a} → {diff.b}", caption, columns, rows))
+    _print_table(_table(f"{diff.a} → {diff.b}", caption, columns, rows))
 
 
 def render_inspection(result: RecordSummary | RecordDetail | RecordDiff) -> None:
@@ -254,11 +253,11 @@ def render_inspection(result: RecordSummary | RecordDetail | RecordDiff) -> None
     from kvcal.record_inspect import RecordDetail, RecordDiff, RecordSummary
 
     if isinstance(result, RecordSummary):
-        _rec_render_summary(result)
+        _render_summary(result)
     elif isinstance(result, RecordDetail):
-        _rec_render_detail(result)
+        _render_detail(result)
     elif isinstance(result, RecordDiff):
-        _rec_render_diff(result)
+        _render_diff(result)
     else:
         raise TypeError(f"cannot render {type(result).__name__}")
 
@@ -322,10 +321,6 @@ def calibration_progress(*, enabled: bool = True) -> Iterator[Callable[[int, int
         yield update
 
 
-def _range(low: float | int, high: float | int, fmt: Callable[[Any], str] = str) -> str:
-    return fmt(low) if low == high else f"{fmt(low)} … {fmt(high)}"
-
-
 def render_calibration_summary(result: Any) -> None:
     """The per-layer table of a `kvcal.calibrate.CalibrationResult`, on stderr."""
     from kvcal.calibrate import SQNR_BASIS
@@ -336,13 +331,13 @@ def render_calibration_summary(result: Any) -> None:
         sqnr = layer.sqnr_db
         rows.append(
             [
-                _rec_cell(layer.name),
-                _rec_cell(f"{layer.algorithm} ({'asym' if layer.asymmetric else 'sym'})"),
-                _rec_cell(layer.granularity),
-                _rec_cell(layer.channels),
-                _rec_cell(_range(layer.scale_min, layer.scale_max, _rec_num)),
-                _rec_cell(_range(layer.offset_min, layer.offset_max)),
-                _rec_cell("inf" if sqnr == float("inf") else f"{sqnr:.2f}"),
+                _cell(layer.name),
+                _cell(f"{layer.algorithm} ({'asym' if layer.asymmetric else 'sym'})"),
+                _cell(layer.granularity),
+                _cell(layer.channels),
+                _cell(_num_range(layer.scale_min, layer.scale_max)),
+                _cell(_num_range(layer.offset_min, layer.offset_max)),
+                _cell("inf" if sqnr == float("inf") else f"{sqnr:.2f}"),
             ]
         )
     files = "file" if result.batches_used == 1 else "files"
@@ -351,4 +346,4 @@ def render_calibration_summary(result: Any) -> None:
         f"SQNR: quantization error of the {SQNR_BASIS}"
     )
     # Same table style and plain-output width rule as the record tables above.
-    _rec_print(_rec_table("KV-cache calibration", caption, columns, rows))
+    _print_table(_table("KV-cache calibration", caption, columns, rows))
