@@ -1,0 +1,324 @@
+"""IFMR: search of the clipping maximum by reconstruction MSE (ALGORITHMS.md "IFMR").
+
+All channels and all candidate ratios are scored at once; only the data is walked, in
+chunks, so temporaries stay a few MB whatever the number of values kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from kvcal.errors import ConfigError
+from kvcal.observers.base import Observer
+from kvcal.plan import IfmrParams, QuantSettings
+from kvcal.quant import EPS, QParams
+
+__all__ = ["IfmrObserver", "candidate_ratios", "percentile_rank"]
+
+# Elements of the [K, rows, C] loss temporaries. On CPU they should sit in L2;
+# accelerators want fewer, larger launches.
+_LOSS_BUDGET_CPU = 1 << 18
+_LOSS_BUDGET_ACCEL = 1 << 22
+_FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+_FLOAT64_UNIT_ROUNDOFF = 2.0**-53
+# Elements per float32 chunk of the percentile pass, and rows per block of its top-k.
+_PERCENTILE_BUDGET = 1 << 20
+_TOPK_BLOCK_ROWS = 1 << 14
+# Devices known to have float64 arithmetic (NPUs and MPS do not).
+_FLOAT64_DEVICES = ("cpu", "cuda")
+
+
+def percentile_rank(percentile: float, n: int) -> int:
+    """The rank k (1-based) of the percentile bound among `n` values, per ALGORITHMS.md step 1."""
+    if 1 - percentile < EPS:
+        return 1
+    # Python float product, truncated; `percentile > 0.5` keeps k in [1, n], clamp for safety.
+    return min(max(n - int(percentile * n), 1), n)
+
+
+def _as_float32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def candidate_ratios(start: float, end: float, step: float) -> Tensor:
+    """The search ratios `torch.arange(start, end, step, dtype=float32)`, on CPU.
+
+    The three parameters are taken as the float32 values they are in the config schema
+    (FMRQuantize fields are proto `float`). This is what makes the defaults give the 60
+    candidates 0.70 ... 1.29 that ALGORITHMS.md states: with the float64 values,
+    (1.3 - 0.7) / 0.01 = 60.00000000000001 and torch.arange yields 61 (up to 1.30).
+
+    Raises:
+        ValueError: the float32 values leave no candidate (e.g. start and end round together).
+    """
+    start32, end32, step32 = _as_float32(start), _as_float32(end), _as_float32(step)
+    if not (step32 > 0.0 and end32 > start32):
+        raise ValueError(
+            f"search_range [{start!r}, {end!r}] with search_step {step!r} gives no candidate ratio "
+            f"once rounded to float32 ([{start32!r}, {end32!r}], step {step32!r})"
+        )
+    return torch.arange(start32, end32, step32, dtype=torch.float32)
+
+
+def _float32_chunks(parts: list[Tensor], rows: int) -> Iterator[Tensor]:
+    """Walk `parts` ([n_b, C] each, any float dtype) as float32 chunks of at most `rows` rows.
+
+    Small parts are concatenated so that many tiny batches do not mean many tiny chunks.
+    """
+    pending: list[Tensor] = []
+    pending_rows = 0
+    for part in parts:
+        start = 0
+        total = int(part.shape[0])
+        while start < total:
+            take = min(rows - pending_rows, total - start)
+            piece = part[start : start + take].to(torch.float32)
+            start += take
+            if not pending and take == rows:
+                yield piece
+                continue
+            pending.append(piece)
+            pending_rows += take
+            if pending_rows == rows:
+                yield torch.cat(pending)
+                pending, pending_rows = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)
+
+
+def _running_topk(top: Tensor | None, chunk: Tensor, k: int, largest: bool) -> Tensor:
+    """The `k` most extreme rows (per column) of `top` and `chunk` together, unordered."""
+    rows, channels = chunk.shape
+    block = max(4 * k, _TOPK_BLOCK_ROWS)
+    blocks = rows // block
+    if blocks > 1:
+        # A top-k of one long column runs on one thread; the top-k of each block first is
+        # exact (the overall top k lie in the union of the blocks' top k) and parallel.
+        head = chunk[: blocks * block].reshape(blocks, block, channels)
+        head = head.topk(k, dim=1, largest=largest, sorted=False).values.reshape(blocks * k, channels)
+        chunk = torch.cat([head, chunk[blocks * block :]])
+    pool = chunk if top is None else torch.cat([top, chunk])
+    if pool.shape[0] <= k:
+        return pool
+    return pool.topk(k, dim=0, largest=largest, sorted=False).values
+
+
+def _gamma(terms: int, unit_roundoff: float) -> float:
+    """Higham's gamma_{n-1}: relative error bound of any sum of `terms` non-negative values."""
+    nu = max(terms - 1, 0) * unit_roundoff
+    return nu / (1.0 - nu) if nu < 1.0 else math.inf
+
+
+def _sum_error_bound(terms: int, partials: int) -> float:
+    """Relative error bound of the loss: float32 sums of `terms` values, `partials` of them summed in float64.
+
+    The bounds hold whatever the summation order, so they cover every backend's
+    reductions; 1e-15 covers the rounding of the threshold arithmetic itself.
+    """
+    low, high = _gamma(terms, _FLOAT32_UNIT_ROUNDOFF), _gamma(partials, _FLOAT64_UNIT_ROUNDOFF)
+    if math.isinf(low) or math.isinf(high):
+        return math.inf
+    return low + high + low * high + 1e-15
+
+
+def _nan_to_inf(loss: Tensor) -> Tensor:
+    return torch.where(torch.isnan(loss), torch.full_like(loss, float("inf")), loss)
+
+
+def _first_argmin(loss: Tensor) -> Tensor:
+    """Per column, the first row index of the minimum of `loss` [K, C]; NaN never wins."""
+    loss = _nan_to_inf(loss)
+    best = loss.amin(dim=0, keepdim=True)
+    rows = torch.arange(loss.shape[0], device=loss.device).unsqueeze(1).expand_as(loss)
+    # Explicit first-index rule: backends do not all promise which tied index argmin returns.
+    return torch.where(loss == best, rows, torch.full_like(rows, loss.shape[0])).amin(dim=0)
+
+
+class IfmrObserver(Observer):
+    """IFMR observer: keeps every value (in its own dtype) and searches the clip maximum.
+
+    per-tensor: any input shape -> scale/offset shape [1]; per-channel: [..., C] -> [C].
+    """
+
+    def __init__(self, settings: QuantSettings, name: str = "") -> None:
+        if not isinstance(settings.params, IfmrParams):
+            raise TypeError(f"IfmrObserver needs IfmrParams, got {type(settings.params).__name__}")
+        super().__init__(settings, name)
+        self.params: IfmrParams = settings.params
+        try:
+            # Checked now, so bad parameters fail before any data is collected.
+            self._ratios = candidate_ratios(*self.params.search_range, self.params.search_step)
+        except ValueError as exc:
+            raise ConfigError(f"{self._where()}: {exc}") from exc
+        # One [n_b, C] tensor per batch, in arrival order and original dtype.
+        self._parts: list[Tensor] = []
+
+    @property
+    def stored_dtypes(self) -> list[torch.dtype]:
+        """The dtype each accumulated batch is kept in (inputs are never upcast in memory)."""
+        return [part.dtype for part in self._parts]
+
+    def _accumulate(self, x: Tensor) -> None:
+        # Back to [values, channels]: the activation's own layout, so per-channel data is
+        # not transposed. Cloned because the model may later modify its output in place.
+        part = x.t().clone(memory_format=torch.contiguous_format)
+        if self._parts and part.device != self._parts[0].device:
+            part = part.to(self._parts[0].device)
+        self._parts.append(part)
+
+    def _merge(self, other: Observer) -> None:
+        if not isinstance(other, IfmrObserver):
+            raise TypeError(f"cannot merge {type(other).__name__} into IfmrObserver")
+        device = self._parts[0].device if self._parts else other._parts[0].device
+        self._parts.extend(part.to(device) for part in other._parts)
+
+    def _compute(self) -> QParams:
+        device = self._parts[0].device
+        channels = int(self._parts[0].shape[1])
+        n = sum(int(part.shape[0]) for part in self._parts)
+        max_init, min_init = self._initial_bounds(n, channels)
+        scales, lo, hi = self._candidates(max_init, min_init)
+        best = self._search(scales, lo, hi, device)
+        scale = scales.gather(0, best.unsqueeze(0)).squeeze(0)
+        if self.settings.asymmetric:
+            half = float(2 ** (self.settings.num_bits - 1))
+            offset = (-torch.round(min_init / scale) - half).to(torch.int32)
+        else:
+            offset = torch.zeros(channels, dtype=torch.int32, device=device)
+        return QParams(scale=scale, offset=offset)
+
+    def _search(self, scales: Tensor, lo: Tensor, hi: Tensor, device: torch.device) -> Tensor:
+        """Index of the best candidate per channel, [C]: the first of the minimal losses.
+
+        A fast pass sums each chunk in float32. Its error is bounded, so only candidates
+        whose loss is within that bound of the channel's minimum can be the argmin; if any
+        channel has more than one, those few are re-scored with float64 sums (where the
+        device has float64). Float32 sums alone can merge near-ties (seen at 3e-8 relative)
+        and move the argmin.
+        """
+        loss, terms, partials = self._losses(scales, lo, hi, device, wide=False)
+        if device.type not in _FLOAT64_DEVICES:
+            return _first_argmin(loss)
+        loss = _nan_to_inf(loss)
+        bound = _sum_error_bound(terms, partials)
+        if bound < 1.0:
+            threshold = loss.amin(dim=0, keepdim=True) * ((1.0 + bound) / (1.0 - bound))
+            contenders = loss <= threshold
+        else:  # no useful bound (never with real chunk sizes): every candidate contends
+            contenders = torch.ones_like(loss, dtype=torch.bool)
+        count = int(contenders.sum(dim=0).max())  # one host sync, outside any loop
+        if count == 1:
+            return _first_argmin(loss)
+        # The contenders of each channel in candidate order, padded with its first one
+        # (a padded duplicate comes later, so it never wins a tie over the original).
+        candidates = loss.shape[0]
+        order = torch.arange(candidates, device=device).unsqueeze(1).expand_as(loss)
+        key = torch.where(contenders, order, order + candidates)
+        picked = key.sort(dim=0).values[:count]
+        picked = torch.where(picked < candidates, picked, picked[:1].expand_as(picked))
+        sub_lo = lo if lo.shape[0] == 1 else lo.gather(0, picked)
+        sub_loss, _, _ = self._losses(scales.gather(0, picked), sub_lo, hi.gather(0, picked), device, wide=True)
+        return picked.gather(0, _first_argmin(sub_loss).unsqueeze(0)).squeeze(0)
+
+    def _initial_bounds(self, n: int, channels: int) -> tuple[Tensor, Tensor]:
+        """`max_init` (>= 0) and `min_init` (<= 0), float32 [C], from the percentile ranks."""
+        k_max = percentile_rank(self.params.max_percentile, n)
+        k_min = percentile_rank(self.params.min_percentile, n)
+        # Chunks of at least 4k rows keep the running top-k merge cheap relative to the data.
+        rows = max(_PERCENTILE_BUDGET // channels, 4 * max(k_max, k_min), 1)
+        top: Tensor | None = None
+        bottom: Tensor | None = None
+        for chunk in _float32_chunks(self._parts, rows):
+            if k_max == 1 and k_min == 1:
+                high, low = chunk.amax(dim=0), chunk.amin(dim=0)
+                top = high if top is None else torch.maximum(top, high)
+                bottom = low if bottom is None else torch.minimum(bottom, low)
+            else:
+                top = _running_topk(top, chunk, k_max, largest=True)
+                bottom = _running_topk(bottom, chunk, k_min, largest=False)
+        if top is None or bottom is None:
+            raise RuntimeError(f"{self._where()}: no data to compute from")  # unreachable: complete implies data
+        if top.dim() == 2:
+            # Exactly k rows remain (k <= n): the k-th largest is the smallest of them.
+            top, bottom = top.amin(dim=0), bottom.amax(dim=0)
+        return torch.clamp(top, min=0.0), torch.clamp(bottom, max=0.0)
+
+    def _candidates(self, max_init: Tensor, min_init: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Candidate scales and clip bounds, [K, C] (asymmetric lower bound [1, C])."""
+        # Built on CPU, then moved: float32 arange is computed in double on CPU but in
+        # float32 on CUDA, and the ratios must be the same everywhere.
+        ratios = self._ratios.to(max_init.device).unsqueeze(1)
+        bits = self.settings.num_bits
+        # Divisors are tensors on purpose: CUDA turns division by a Python scalar into a
+        # multiplication by its reciprocal, which rounds differently.
+        if self.settings.asymmetric:
+            clip = ratios * max_init.unsqueeze(0)
+            lo = min_init.unsqueeze(0)
+            scales = (clip - lo) / torch.full_like(clip, float(2**bits - 1))
+            hi = clip
+        else:
+            neg = max_init.abs() < min_init.abs()
+            magnitude = torch.maximum(max_init.abs(), min_init.abs())
+            divisor = torch.where(
+                neg,
+                torch.full_like(magnitude, float(2 ** (bits - 1))),
+                torch.full_like(magnitude, float(2 ** (bits - 1) - 1)),
+            )
+            clip = ratios * magnitude.unsqueeze(0)
+            scales = clip / divisor.unsqueeze(0)
+            lo, hi = -clip, clip
+        scales = torch.where(scales < EPS, torch.ones_like(scales), scales)
+        return scales, lo, hi
+
+    def _losses(
+        self, scales: Tensor, lo: Tensor, hi: Tensor, device: torch.device, wide: bool
+    ) -> tuple[Tensor, int, int]:
+        """Sum over the data of the squared reconstruction error, per candidate and channel.
+
+        Args:
+            scales: [K, C] candidate scales.
+            lo: [1, C] (shared by all candidates) or [K, C] lower clip bounds.
+            hi: [K, C] upper clip bounds.
+            device: where the data is.
+            wide: sum every float32 square in float64; else sum each chunk in float32.
+
+        Returns:
+            The [K, C] sums (float64 where the device has it), then, for the error bound,
+            the most float32 terms one partial sum added up and the number of partial sums.
+        """
+        candidates, channels = scales.shape
+        budget = _LOSS_BUDGET_CPU if device.type == "cpu" else _LOSS_BUDGET_ACCEL
+        rows = max(budget // (candidates * channels), 1)
+        acc_dtype = torch.float64 if device.type in _FLOAT64_DEVICES else torch.float32
+        total = torch.zeros(candidates, channels, dtype=acc_dtype, device=device)
+        s = scales.unsqueeze(1)  # [K, 1, C]
+        lo3, hi3 = lo.unsqueeze(1), hi.unsqueeze(1)
+        shared_lo = lo.shape[0] == 1
+        work = torch.empty(candidates, rows, channels, dtype=torch.float32, device=device)
+        wide_work = torch.empty_like(work, dtype=acc_dtype) if wide and acc_dtype != torch.float32 else None
+        partials = 0
+        for chunk in _float32_chunks(self._parts, rows):
+            partials += 1
+            n = chunk.shape[0]
+            buf = work[:, :n]
+            # Same float32 operations, in the same order, as the definition:
+            # round(clamp(x, lo, hi) / s) * s - x, squared. clamp is spelt maximum then
+            # minimum (equal for lo <= hi): the 3-tensor clamp kernel is many times slower.
+            if shared_lo:
+                torch.minimum(torch.maximum(chunk, lo), hi3, out=buf)
+            else:
+                torch.minimum(torch.maximum(chunk, lo3, out=buf), hi3, out=buf)
+            buf.div_(s).round_().mul_(s).sub_(chunk).square_()
+            if wide_work is None:
+                total += buf.sum(dim=1)
+            else:
+                acc = wide_work[:, :n]
+                acc.copy_(buf)
+                total += acc.sum(dim=1)
+        if wide_work is not None:
+            return total, 1, partials * rows
+        return total, rows, partials
