@@ -1,0 +1,502 @@
+"""HFMG: histogram, then search of the clipping range by L2 error (ALGORITHMS.md "HFMG").
+
+Every step works on all channels at once:
+
+* binning reproduces `torch.histc` for each channel with one `bincount` over
+  `channel * B + bin` (a single channel uses `torch.histc` itself);
+* folding an old histogram into a wider range is index arithmetic plus two
+  `index_add_` over all (channel, old bin) pairs;
+* the cursor rounds advance all channels in lock-step, each round a few tensor
+  operations (`searchsorted` on cumulative counts) however many bins a cursor crosses;
+* the L2 error of a candidate is its two clipped tails (closed forms over exact integer
+  prefix moments, O(1) per candidate) plus its inside part (per destination bin,
+  O(256) per candidate). Tails bound the error from below, so the rounds of a channel
+  stop once no later candidate can beat a known error, and only the candidates whose
+  tails do not already exceed it are scored inside.
+
+State per channel: `lo`, `hi` (float32) and `hist` (B counts, int64 holding int32
+values): memory is O(channels x B) whatever `batch_num`; the raw data is never kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kvcal.errors import CalibrationError
+from kvcal.observers.base import Observer
+from kvcal.plan import HfmgParams, QuantSettings
+from kvcal.quant import EPS, QParams, minmax_qparams
+
+__all__ = [
+    "HfmgObserver",
+    "bin_channels",
+    "fold_histograms",
+    "candidate_ranges",
+    "search_clip_ranges",
+]
+
+# Elements of the temporaries of one binning / folding / scoring step: a few MB, so that
+# the peak memory of a later batch is the peak of the first one plus nothing that grows.
+_STEP_ELEMENTS = 1 << 20
+# Devices known to have float64 arithmetic (NPUs and MPS do not).
+_FLOAT64_DEVICES = ("cpu", "cuda")
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the L2 errors where the device has it, else float32."""
+    return torch.float64 if device.type in _FLOAT64_DEVICES else torch.float32
+
+
+def bin_channels(x: Tensor, lo: Tensor, hi: Tensor, bins: int) -> Tensor:
+    """Histogram of every row of `x` ([C, N], any float dtype) as `torch.histc(x[c], bins, lo[c], hi[c])`.
+
+    Value v of channel c goes to bin `trunc(((v - lo) * bins) / (hi - lo))` in float32,
+    `v == hi` to the last bin; a channel with `lo == hi` puts everything in `bins // 2`
+    (histc's [lo - 1, hi + 1] widening). All values must lie in [lo, hi].
+
+    Returns:
+        int64 [C, bins] counts.
+    """
+    channels, count = x.shape
+    device = lo.device
+    hist = torch.zeros(channels, bins, dtype=torch.int64, device=device)
+    if channels == 1:
+        # One channel: torch.histc itself (one fused pass), in float32 chunks whose
+        # counts stay exact in histc's float32 output.
+        low, high = float(lo[0]), float(hi[0])
+        if low == high:
+            hist[0, bins // 2] = count
+            return hist
+        for r0 in range(0, count, _STEP_ELEMENTS):
+            chunk = x[0, r0 : r0 + _STEP_ELEMENTS].to(torch.float32)
+            hist[0] += torch.histc(chunk, bins, low, high).to(torch.int64)
+        return hist
+    width = hi - lo
+    flat = width == 0
+    safe_width = torch.where(flat, torch.ones_like(width), width)
+    # An all-equal channel has every (v - lo) = 0: its bin B/2 is an offset of its own.
+    shift = torch.where(flat, bins // 2, 0)
+    rows = x.t()  # [N, C]: the memory order of a [..., C] activation
+    channel_step = max(1, min(channels, _STEP_ELEMENTS // bins))
+    for c0 in range(0, channels, channel_step):
+        c1 = min(channels, c0 + channel_step)
+        offsets = torch.arange(c1 - c0, device=device, dtype=torch.int64) * bins + shift[c0:c1]
+        row_step = max(1, _STEP_ELEMENTS // (c1 - c0))
+        part = hist[c0:c1].view(-1)
+        for r0 in range(0, count, row_step):
+            chunk = rows[r0 : r0 + row_step, c0:c1].to(torch.float32)
+            pos = torch.sub(chunk, lo[c0:c1])
+            pos.mul_(bins).div_(safe_width[c0:c1])
+            # trunc(min(t, B - 1)) == min(trunc(t), B - 1) for t >= 0: v == hi lands in B - 1.
+            pos.clamp_(max=bins - 1)
+            index = pos.to(torch.int64)
+            index += offsets
+            part += torch.bincount(index.view(-1), minlength=(c1 - c0) * bins)
+    return hist
+
+
+def fold_histograms(hist: Tensor, lo: Tensor, hi: Tensor, new_lo: Tensor, new_hi: Tensor) -> Tensor:
+    """Fold `hist` ([C, B] over [lo, hi]) into the wider ranges [new_lo, new_hi] (ALGORITHMS.md).
+
+    Same range (both ends within EPS): bin by bin. Otherwise old bin i, spanning
+    `[a, b] = [lo + i*w, lo + (i+1)*w]`, goes to new bins `j = floor((a - lo')/w')` and
+    `k = min(floor((b - lo')/w'), B - 1)`, split as `part = trunc(count * f)` /
+    `count - part` with `f = (lo' + (j+1)*w' - a) / (b - a)`, all float32. `j` is capped
+    at B - 1 like `k` (ALGORITHMS.md leaves it unbounded; it reaches B when an old bin
+    starts exactly at the new maximum, e.g. an all-equal channel at `hi'`).
+
+    Returns:
+        int64 [C, B] counts over [new_lo, new_hi].
+    """
+    channels, bins = hist.shape
+    device = hist.device
+    same = ((new_lo - lo).abs() <= EPS) & ((new_hi - hi).abs() <= EPS)
+    width = (hi - lo) / bins
+    new_width = (new_hi - new_lo) / bins
+    # new_width is 0 only when both ranges are one point, which is the same-range case.
+    new_width = torch.where(new_width > 0, new_width, torch.ones_like(new_width))
+    out = torch.zeros(channels * bins, dtype=torch.int64, device=device)
+    index_f = torch.arange(bins, dtype=torch.float32, device=device)
+    index_i = torch.arange(bins, dtype=torch.int64, device=device)
+    channel_step = max(1, min(channels, _STEP_ELEMENTS // (4 * bins)))
+    for c0 in range(0, channels, channel_step):
+        c1 = min(channels, c0 + channel_step)
+        lo_c, lo2_c = lo[c0:c1, None], new_lo[c0:c1, None]
+        w_c, w2_c = width[c0:c1, None], new_width[c0:c1, None]
+        counts = hist[c0:c1]
+        a = lo_c + index_f * w_c
+        b = lo_c + (index_f + 1) * w_c
+        j = torch.floor((a - lo2_c) / w2_c).clamp_(max=bins - 1)
+        k = torch.floor((b - lo2_c) / w2_c).clamp_(max=bins - 1)
+        split = j != k
+        f = (lo2_c + (j + 1) * w2_c - a) / (b - a)
+        # Unsplit bins may have f = 0/0: pick 0 there before converting to integers.
+        part = torch.where(split, torch.trunc(counts.to(torch.float32) * f), 0.0).to(torch.int64)
+        part = torch.where(split, part, counts)
+        same_c = same[c0:c1, None]
+        part = torch.where(same_c, counts, part)
+        j_i = torch.where(same_c, index_i, j.to(torch.int64))
+        k_i = torch.where(same_c, index_i, k.to(torch.int64))
+        base = (torch.arange(c0, c1, device=device, dtype=torch.int64) * bins)[:, None]
+        out.index_add_(0, (j_i + base).view(-1), part.reshape(-1))
+        out.index_add_(0, (k_i + base).view(-1), (counts - part).reshape(-1))
+    return out.view(channels, bins)
+
+
+class _Moments:
+    """Exact range sums of h_i, h_i * i, h_i * i^2 for every channel, from prefix sums.
+
+    The prefix table is int64 [3, C * (B + 1)] (row c holds 0 then the running sums).
+    With a channel total below 2^31 (int32 counts) every sum below is exact in int64
+    (at most 4 * total * B^2 < 2^60); results are cast to the work dtype only once they
+    are local (small) quantities.
+    """
+
+    def __init__(self, hist: Tensor, dtype: torch.dtype) -> None:
+        channels, bins = hist.shape
+        self.bins = bins
+        self.dtype = dtype
+        table = torch.zeros(3, channels, bins + 1, dtype=torch.int64, device=hist.device)
+        i = torch.arange(bins, dtype=torch.int64, device=hist.device)
+        torch.cumsum(hist, 1, out=table[0, :, 1:])
+        weighted = hist * i
+        torch.cumsum(weighted, 1, out=table[1, :, 1:])
+        weighted *= i
+        torch.cumsum(weighted, 1, out=table[2, :, 1:])
+        self.running = table[0]  # [C, B + 1] cumulative counts
+        self.table = table.view(3, -1)
+        self.base = torch.arange(channels, device=hist.device) * (bins + 1)
+
+    def between(self, base: Tensor, start: Tensor, stop: Tensor, origin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Sums over bins [start, stop) of h, h*(i - origin), h*(i - origin)^2 (shapes broadcast)."""
+        lo_idx, hi_idx = base + start, base + stop
+        m0, m1, m2 = (row.take(hi_idx) - row.take(lo_idx) for row in self.table)
+        m1_local = m1 - origin * m0
+        m2_local = m2 - 2 * origin * m1 + origin * origin * m0
+        return m0.to(self.dtype), m1_local.to(self.dtype), m2_local.to(self.dtype)
+
+    def counts(self, base: Tensor, index: Tensor) -> Tensor:
+        """h[index], 0 at index B (one past the last bin)."""
+        row = self.table[0]
+        after = torch.clamp(index + 1, max=self.bins)
+        return (row.take(base + after) - row.take(base + index)).to(self.dtype)
+
+
+def _tail_errors(moments: _Moments, base: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """L2 error of the bins outside [L, R] (clipped into the edge destination bins), in bin units.
+
+    Uniform density inside each source bin: a bin with count h centred at m contributes
+    `h * ((m - c)^2 + 1/12)` around the edge destination centre c. Offsets are taken from
+    the range ends, so the float terms are all positive: no cancellation.
+    """
+    half_d = (right - left + 1).to(moments.dtype) / (2 * 256)
+    # Left tail, around L + d/2: bin i's centre is at (i - L) + 1/2 - d/2.
+    m0, m1, m2 = moments.between(base, torch.zeros_like(left), left, left)
+    q = 0.5 - half_d
+    low = m2 + 2 * q * m1 + (q * q + 1.0 / 12) * m0
+    # Right tail, around R + 1 - d/2: bin i's centre is at (i - R - 1) + 1/2 + d/2.
+    m0, m1, m2 = moments.between(base, right + 1, torch.full_like(right, moments.bins), right + 1)
+    q = 0.5 + half_d
+    high = m2 + 2 * q * m1 + (q * q + 1.0 / 12) * m0
+    return low + high
+
+
+def _inside_errors(moments: _Moments, base: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """L2 error of the bins inside [L, R] for a list of candidates ([X] each), in bin units.
+
+    Destination bin j spans `[L + j*n/256, L + (j+1)*n/256]`: in 1/256-bin units its
+    edges are integers, so which source bins it covers is decided exactly. The whole
+    source bins inside it are summed with exact integer moments about the first of them;
+    the (at most two) source bins it covers in part are integrated directly. Every float
+    term is a small local quantity, so nothing cancels.
+    """
+    dtype = moments.dtype
+    dst = 256
+    n = right - left + 1
+    edge = left[:, None] * dst + torch.arange(dst + 1, device=left.device) * n[:, None]  # [X, 257]
+    holder = edge >> 8  # the source bin that holds each destination edge
+    first, last = holder[:, :-1], holder[:, 1:]
+    base = base[:, None]
+    half = (n.to(dtype) / (2 * dst))[:, None]
+    centre = (edge[:, :-1].to(dtype) + half * dst) / dst  # dyadic: exact
+    # Source bin `first`, from the destination edge to its own end or the destination end.
+    upto = torch.minimum((first + 1).to(dtype) - centre, half)
+    err = moments.counts(base, first) * (upto**3 + half**3) / 3
+    # Source bin `last`, from its start to the destination end, when it is another bin.
+    since = last.to(dtype) - centre
+    err += torch.where(last > first, moments.counts(base, last) * (half**3 - since**3) / 3, 0.0)
+    # Whole bins first + 1 .. last - 1, centred at (i - s) + delta from the destination centre.
+    start = first + 1
+    m0, m1, m2 = moments.between(base, start, torch.maximum(last, start), start)
+    delta = start.to(dtype) + 0.5 - centre
+    err += m2 + 2 * delta * m1 + (delta * delta + 1.0 / 12) * m0
+    return err.sum(1)
+
+
+def _inside_errors_chunked(moments: _Moments, base: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """`_inside_errors` in blocks of candidates, so that temporaries stay a few MB."""
+    step = max(1, _STEP_ELEMENTS // (8 * 257))
+    parts = [
+        _inside_errors(moments, base[i : i + step], left[i : i + step], right[i : i + step])
+        for i in range(0, left.numel(), step)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=moments.dtype, device=left.device)
+
+
+def _lower_bounds(moments: _Moments, base: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """A lower bound of the error of (L, R) that never decreases from one round to the next.
+
+    With no negative count: the tails measured from the range ends instead of the edge
+    destination centres (which lie further out), and no inside error. L only grows and R
+    only shrinks, so this bound only grows.
+    """
+    m0, m1, m2 = moments.between(base, torch.zeros_like(left), left, left)
+    low = m2 + m1 + m0 / 3  # sum of h * ((L - i - 1/2)^2 + 1/12) over i < L
+    m0, m1, m2 = moments.between(base, right + 1, torch.full_like(right, moments.bins), right)
+    return low + m2 - m1 + m0 / 3  # sum of h * ((i - R - 1/2)^2 + 1/12) over i > R
+
+
+class _Cursors:
+    """The cursor rounds of ALGORITHMS.md for all channels, each round a few tensor operations.
+
+    With P the cumulative counts (P[t] = sum of h[i < t]): a left cursor starting at L
+    stops at the first t > L with `P[t] >= P[L] + step`; a right cursor starting at R
+    stops at `u - 1` for the last u <= R with `P[u] <= P[R + 1] - step`. L only ever
+    takes left stopping points, which are strict running maxima of P, and R + 1 only
+    right ones, strict suffix minima; so `searchsorted` over the running maximum (the
+    suffix minimum) of P finds them exactly even when folding left negative counts
+    (without those, both are P itself). The `tl < tr` stops are a min/max against the
+    other cursor.
+    """
+
+    def __init__(self, moments: _Moments) -> None:
+        running = moments.running
+        self.bins = moments.bins
+        self.min_bins = -(-self.bins // 4)
+        self.step = torch.clamp((running[:, -1:] + 99_999) // 100_000, min=1)
+        self.ahead = running
+        self.behind = running
+        if bool((running[:, 1:] < running[:, :-1]).any()):  # some negative count
+            self.ahead = running.cummax(1).values
+            self.behind = running.flip(1).cummin(1).values.flip(1)
+
+    def start(self) -> tuple[Tensor, Tensor]:
+        channels = self.ahead.shape[0]
+        left = torch.zeros(channels, dtype=torch.int64, device=self.ahead.device)
+        return left, left + (self.bins - 1)
+
+    def round(self, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+        """One round from (L, R); keeps L <= R, so it is harmless on finished channels."""
+        want = self.ahead.gather(1, left[:, None]) + self.step
+        tl = torch.minimum(torch.searchsorted(self.ahead, want).squeeze(1), right)
+        want = self.behind.gather(1, right[:, None] + 1) - self.step
+        tr = torch.maximum(torch.searchsorted(self.behind, want, right=True).squeeze(1) - 2, tl)
+        take_right = (right - tr) >= (tl - left)
+        return torch.where(take_right, left, tl), torch.where(take_right, tr, right)
+
+    def run(self, limit: Tensor | None = None, moments: _Moments | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """All rounds: (L, R) int64 [C, K] and `valid` bool [C, K] (False after a channel stopped).
+
+        With `limit` and `moments`, a channel also stops after a round whose candidate
+        has a lower bound above its limit: no later candidate can score below it.
+        """
+        left, right = self.start()
+        active = torch.ones_like(left, dtype=torch.bool)  # B - 1 > ceil(B / 4): one round at least
+        lefts: list[Tensor] = []
+        rights: list[Tensor] = []
+        valids: list[Tensor] = []
+        for count in range(1, self.bins + 1):
+            left, right = self.round(left, right)
+            lefts.append(left)
+            rights.append(right)
+            valids.append(active)
+            active = active & ((right - left) > self.min_bins)
+            if count % 4 and count > 2:
+                continue  # check (one host sync) on rounds 1, 2, 4, 8, 12, ...
+            if limit is not None and moments is not None:
+                active &= _lower_bounds(moments, moments.base, left, right) <= limit
+            if not bool(active.any()):
+                break
+        return torch.stack(lefts, 1), torch.stack(rights, 1), torch.stack(valids, 1)
+
+
+def candidate_ranges(hist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every candidate (L, R) of ALGORITHMS.md's cursor rounds, all channels in lock-step.
+
+    Returns:
+        (L, R, valid): int64 [C, K] bin indices, round by round, and bool [C, K], False
+        for the rounds after a channel stopped.
+    """
+    return _Cursors(_Moments(hist, torch.float32)).run()
+
+
+def search_clip_ranges(hist: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """The clip range [clip_lo, clip_hi] of every channel: the candidate of least L2 error.
+
+    Scores are in bin units (the spec's error divided by w^2: the same argmin) and in
+    float64 where the device has it. Without negative counts, the tails of a candidate
+    are a lower bound of its error; a candidate whose bound exceeds an error already
+    known cannot win, is never scored inside, and ends its channel's rounds when the
+    bound only grows. Known errors: the first candidate's and the one the
+    uniform-density estimate prefers. `d < EPS` means error 0 (then, without negative
+    counts, nothing else can win, and the rounds must run to the end to find it).
+
+    Returns:
+        float32 [C] clip_lo and clip_hi.
+    """
+    channels, bins = hist.shape
+    device = hist.device
+    dtype = _work_dtype(device)
+    width = (hi - lo) / bins
+    moments = _Moments(hist, dtype)
+    cursors = _Cursors(moments)
+    base = moments.base
+
+    negative = (hist < 0).any(1)  # then the tails are no lower bound: no pruning
+    may_be_zero = (width / 256) < EPS  # d < EPS for n = 1: d only grows with n
+    first_left, first_right = cursors.round(*cursors.start())
+    first_err = _tail_errors(moments, base, first_left, first_right) + _inside_errors_chunked(
+        moments, base, first_left, first_right
+    )
+    stoppable = ~negative & ~may_be_zero
+    inf = float("inf")
+    limit = torch.where(stoppable, first_err + first_err.abs() * 1e-9, inf)
+    left, right, valid = cursors.run(limit, moments)
+
+    n = right - left + 1
+    zero = valid & ((width[:, None] * n.to(torch.float32)) / 256 < EPS)
+    tails = _tail_errors(moments, base[:, None], left, right)
+    open_ = valid & ~zero
+    has_zero = zero.any(1)
+    # Seed: the candidate the uniform-density model likes best, scored exactly.
+    inside = (moments.running.gather(1, right + 1) - moments.running.gather(1, left)).to(dtype)
+    estimate = tails + inside * (n.to(dtype) / 256) ** 2 / 12
+    seed = torch.where(open_, estimate, inf).argmin(1)
+    seeded = (open_.any(1) & (~has_zero | negative)).nonzero().squeeze(1)
+    seed = seed[seeded]
+    seed_err = tails[seeded, seed] + _inside_errors_chunked(
+        moments, base[seeded], left[seeded, seed], right[seeded, seed]
+    )
+    bound = torch.minimum(first_err, torch.full_like(first_err, inf).index_put((seeded,), seed_err))
+    # A margin far above float64 noise keeps the pruning exact.
+    keep = open_ & (tails <= (bound + bound.abs() * 1e-9)[:, None])
+    keep = torch.where(has_zero[:, None], False, keep)  # an error 0 is there, nothing scores below
+    keep = torch.where(negative[:, None], open_, keep)
+    keep[:, 0] = False
+    keep[seeded, seed] = False
+    kept_c, kept_k = keep.nonzero().unbind(1)
+    kept_err = tails[kept_c, kept_k] + _inside_errors_chunked(
+        moments, base[kept_c], left[kept_c, kept_k], right[kept_c, kept_k]
+    )
+
+    errors = torch.full_like(tails, inf)
+    errors[:, 0] = first_err
+    errors[seeded, seed] = seed_err
+    errors[kept_c, kept_k] = kept_err
+    errors = torch.where(zero, 0.0, errors)
+    errors = torch.where(valid, errors, inf)
+    best = errors.argmin(1, keepdim=True)  # first index on ties
+    best_left = left.gather(1, best).squeeze(1).to(torch.float32)
+    best_right = right.gather(1, best).squeeze(1).to(torch.float32)
+    return lo + best_left * width, lo + (best_right + 1) * width
+
+
+def _channel_extrema(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel min and max of x [C, N] as float32 [C]."""
+    if x.shape[0] == 1:
+        low, high = torch.aminmax(x)
+        return low.reshape(1).to(torch.float32), high.reshape(1).to(torch.float32)
+    # Over the [N, C] memory order, amin/amax vectorize across channels (aminmax does not).
+    rows = x.t()
+    return torch.amin(rows, 0).to(torch.float32), torch.amax(rows, 0).to(torch.float32)
+
+
+class HfmgObserver(Observer):
+    """HFMG for one layer: a per-channel histogram, then an L2 search of the clip range.
+
+    per-tensor (granularity 0): any input shape -> scale/offset shape [1];
+    per-channel (1): input [..., C] -> [C].
+    """
+
+    def __init__(self, settings: QuantSettings, name: str = "") -> None:
+        if not isinstance(settings.params, HfmgParams):
+            raise TypeError(f"HfmgObserver needs HfmgParams, got {type(settings.params).__name__}")
+        super().__init__(settings, name)
+        self.num_of_bins = settings.params.num_of_bins
+        self._lo: Tensor | None = None
+        self._hi: Tensor | None = None
+        self._hist: Tensor | None = None
+
+    @property
+    def state(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(lo [C] float32, hi [C] float32, hist [C, B] int64), or None before the first batch."""
+        if self._lo is None or self._hi is None or self._hist is None:
+            return None
+        return self._lo, self._hi, self._hist
+
+    def _channel_step(self) -> int:
+        return max(1, _STEP_ELEMENTS // (8 * self.num_of_bins))
+
+    def _check_range(self, lo: Tensor, hi: Tensor) -> None:
+        if not bool(torch.isfinite(hi - lo).all()):
+            raise CalibrationError(
+                f"{self._where()}: the value range {float((hi - lo).max())} does not fit float32; "
+                "HFMG cannot bin it"
+            )
+
+    def _accumulate(self, x: Tensor) -> None:
+        bins = self.num_of_bins
+        mins, maxs = _channel_extrema(x)
+        state = self.state
+        if state is None:
+            self._check_range(mins, maxs)
+            self._lo, self._hi = mins, maxs
+            self._hist = torch.zeros(x.shape[0], bins, dtype=torch.int64, device=x.device)
+            for c0 in range(0, x.shape[0], self._channel_step()):
+                part = slice(c0, c0 + self._channel_step())
+                self._hist[part] = bin_channels(x[part], mins[part], maxs[part], bins)
+            return
+        lo, hi, hist = state
+        new_lo, new_hi = torch.minimum(lo, mins), torch.maximum(hi, maxs)
+        self._check_range(new_lo, new_hi)
+        # Channel block by channel block, in place: the old block is folded before it is
+        # overwritten, so no second [C, B] histogram is ever alive.
+        for c0 in range(0, x.shape[0], self._channel_step()):
+            part = slice(c0, c0 + self._channel_step())
+            new = bin_channels(x[part], new_lo[part], new_hi[part], bins)
+            new += fold_histograms(hist[part], lo[part], hi[part], new_lo[part], new_hi[part])
+            hist[part] = new
+        self._lo, self._hi = new_lo, new_hi
+
+    def _compute(self) -> QParams:
+        state = self.state
+        if state is None:  # unreachable: compute() checks completeness first
+            raise CalibrationError(f"{self._where()}: no data")
+        lo, hi, hist = state
+        clip_lo, clip_hi = search_clip_ranges(hist, lo, hi)
+        return minmax_qparams(clip_lo, clip_hi, self.settings.asymmetric, self.settings.num_bits)
+
+    def _merge(self, other: Observer) -> None:
+        """Fold both histograms into the union of the two ranges, by the rule of a later batch.
+
+        Each side whose range is (within EPS) the union is added bin by bin; the other is
+        folded bin by bin into the union exactly as an old histogram is when a batch
+        widens the range. The result does not depend on the order of the two observers.
+        """
+        if not isinstance(other, HfmgObserver) or other.state is None:
+            raise ValueError(f"{self._where()}: cannot merge {type(other).__name__} into an HFMG observer")
+        o_lo, o_hi, o_hist = other.state
+        state = self.state
+        if state is None:
+            self._lo, self._hi, self._hist = o_lo.clone(), o_hi.clone(), o_hist.clone()
+            return
+        lo, hi, hist = state
+        o_lo, o_hi, o_hist = (t.to(hist.device) for t in (o_lo, o_hi, o_hist))
+        new_lo, new_hi = torch.minimum(lo, o_lo), torch.maximum(hi, o_hi)
+        for c0 in range(0, hist.shape[0], self._channel_step()):
+            part = slice(c0, c0 + self._channel_step())
+            mine = fold_histograms(hist[part], lo[part], hi[part], new_lo[part], new_hi[part])
+            theirs = fold_histograms(o_hist[part], o_lo[part], o_hi[part], new_lo[part], new_hi[part])
+            hist[part] = mine + theirs
+        self._lo, self._hi = new_lo, new_hi
