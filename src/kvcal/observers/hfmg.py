@@ -20,6 +20,8 @@ values): memory is O(channels x B) whatever `batch_num`; the raw data is never k
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -157,7 +159,8 @@ class _Moments:
         channels, bins = hist.shape
         self.bins = bins
         self.dtype = dtype
-        table = torch.zeros(3, channels, bins + 1, dtype=torch.int64, device=hist.device)
+        table = torch.empty(3, channels, bins + 1, dtype=torch.int64, device=hist.device)
+        table[:, :, 0] = 0
         i = torch.arange(bins, dtype=torch.int64, device=hist.device)
         torch.cumsum(hist, 1, out=table[0, :, 1:])
         weighted = hist * i
@@ -295,11 +298,11 @@ class _Cursors:
         take_right = (right - tr) >= (tl - left)
         return torch.where(take_right, left, tl), torch.where(take_right, tr, right)
 
-    def run(self, limit: Tensor | None = None, moments: _Moments | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def run(self, done: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """All rounds: (L, R) int64 [C, K] and `valid` bool [C, K] (False after a channel stopped).
 
-        With `limit` and `moments`, a channel also stops after a round whose candidate
-        has a lower bound above its limit: no later candidate can score below it.
+        `done(L, R)`, asked every few rounds, may stop channels early: those whose later
+        candidates can no longer win.
         """
         left, right = self.start()
         active = torch.ones_like(left, dtype=torch.bool)  # B - 1 > ceil(B / 4): one round at least
@@ -314,8 +317,8 @@ class _Cursors:
             active = active & ((right - left) > self.min_bins)
             if count % 4 and count > 2:
                 continue  # check (one host sync) on rounds 1, 2, 4, 8, 12, ...
-            if limit is not None and moments is not None:
-                active &= _lower_bounds(moments, moments.base, left, right) <= limit
+            if done is not None:
+                active &= ~done(left, right)
             if not bool(active.any()):
                 break
         return torch.stack(lefts, 1), torch.stack(rights, 1), torch.stack(valids, 1)
@@ -329,6 +332,11 @@ def candidate_ranges(hist: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         for the rounds after a channel stopped.
     """
     return _Cursors(_Moments(hist, torch.float32)).run()
+
+
+def _zero_error(width: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """`d = w * (R - L + 1) / 256 < EPS` in float32: the spec's error 0 (`width` broadcasts)."""
+    return (width * (right - left + 1).to(torch.float32)) / 256 < EPS
 
 
 def search_clip_ranges(hist: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -359,13 +367,18 @@ def search_clip_ranges(hist: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Te
     first_err = _tail_errors(moments, base, first_left, first_right) + _inside_errors_chunked(
         moments, base, first_left, first_right
     )
-    stoppable = ~negative & ~may_be_zero
     inf = float("inf")
-    limit = torch.where(stoppable, first_err + first_err.abs() * 1e-9, inf)
-    left, right, valid = cursors.run(limit, moments)
+    # Lower bounds may stop a channel only if no later candidate can have d < EPS (error 0).
+    limit = torch.where(~negative & ~may_be_zero, first_err + first_err.abs() * 1e-9, inf)
+
+    def done(left: Tensor, right: Tensor) -> Tensor:
+        beaten = _lower_bounds(moments, base, left, right) > limit
+        return beaten | (_zero_error(width, left, right) & ~negative)  # the first error 0 wins
+
+    left, right, valid = cursors.run(done)
 
     n = right - left + 1
-    zero = valid & ((width[:, None] * n.to(torch.float32)) / 256 < EPS)
+    zero = valid & _zero_error(width[:, None], left, right)
     tails = _tail_errors(moments, base[:, None], left, right)
     open_ = valid & ~zero
     has_zero = zero.any(1)
