@@ -62,7 +62,9 @@ class Observer(ABC):
         else:
             channels = 1
         x = x.detach()
-        if not bool(torch.isfinite(x).all()):
+        # min and max propagate NaN and carry any inf: one cheap reduction instead of isfinite(x).
+        low, high = torch.aminmax(x)
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
             raise CalibrationError(f"{self._where()}: batch {self.batches_seen + 1} contains NaN or inf values")
         self.channels = channels
         self._accumulate(to_channels(x, self.settings.granularity))

@@ -21,7 +21,7 @@ __all__ = ["IfmrObserver", "candidate_ratios", "percentile_rank"]
 
 # Elements of the [K, rows, C] loss temporaries. On CPU they should sit in L2;
 # accelerators want fewer, larger launches.
-_LOSS_BUDGET_CPU = 1 << 18
+_LOSS_BUDGET_CPU = 1 << 19
 _LOSS_BUDGET_ACCEL = 1 << 22
 _FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 _FLOAT64_UNIT_ROUNDOFF = 2.0**-53
