@@ -189,13 +189,13 @@ def test_near_tie_resolved_beyond_float32(monkeypatch: pytest.MonkeyPatch) -> No
         assert_matches_reference(observe(data, settings_).compute(), data, settings_)
 
 
-@pytest.mark.parametrize("bound", [0.0, 0.01, 10.0])
+@pytest.mark.parametrize("bound", [0.01, 10.0])
 @pytest.mark.parametrize("granularity", [0, 1])
 @pytest.mark.parametrize("asymmetric", [True, False])
 def test_refinement_with_any_number_of_contenders(
     monkeypatch: pytest.MonkeyPatch, bound: float, granularity: int, asymmetric: bool
 ) -> None:
-    # 0: only exact float32 ties are re-scored; 10: every candidate is re-scored.
+    # A loose bound re-scores a few candidates per channel; 10 re-scores every candidate.
     monkeypatch.setattr(ifmr_module, "_sum_error_bound", lambda terms, partials: bound)
     batches = [make_data(kind, (30, 5), seed=i) for i, kind in enumerate(["heavy", "integers", "relu"])]
     for kind_batches in ([batches[0]], [batches[1]], [batches[2]]):
