@@ -8,6 +8,7 @@ offsets exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from reference_hfmg import hfmg_reference, hfmg_reference_states
 
 from kvcal.errors import CalibrationError
-from kvcal.observers import make_observer
+from kvcal.observers import hfmg, make_observer
 from kvcal.observers.hfmg import (
     HfmgObserver,
     _inside_errors,
@@ -299,6 +300,60 @@ def test_search_of_arbitrary_histograms(counts: list[int], negative: bool, lo: f
     qparams = minmax_qparams(clip_lo, clip_hi, asymmetric)
     expected = ref.search_channel(np.float32(low[0]), np.float32(high[0]), hist[0].tolist(), asymmetric)
     assert_same((qparams.scale.tolist(), qparams.offset.tolist()), ([expected[0]], [expected[1]]))
+
+
+def _search_host_and_tensor(hist: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
+    """The host rounds (few channels on CPU) give the tensor rounds' candidates, stops and result."""
+    Rounds = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    seen: dict[str, Rounds] = {}
+    real_run, real_host = hfmg._Cursors.run, hfmg._Cursors.run_host
+
+    def spy_run(self: hfmg._Cursors, done: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> Rounds:
+        seen["tensor"] = real_run(self, done)
+        return seen["tensor"]
+
+    def spy_host(self: hfmg._Cursors, done: Callable[[int, int, int], bool]) -> Rounds:
+        seen["host"] = real_host(self, done)
+        return seen["host"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hfmg._Cursors, "run", spy_run)
+        mp.setattr(hfmg._Cursors, "run_host", spy_host)
+        host = search_clip_ranges(hist, low, high)
+        mp.setattr(hfmg, "_HOST_ROUND_CHANNELS", 0)
+        tensor = search_clip_ranges(hist, low, high)
+    assert set(seen) == {"host", "tensor"}
+    for ours, theirs in zip(seen["host"], seen["tensor"]):
+        assert ours.dtype == theirs.dtype
+        assert torch.equal(ours, theirs)
+    assert torch.equal(host[0], tensor[0]) and torch.equal(host[1], tensor[1])
+
+
+@pytest.mark.parametrize("bins", [1024, 4096])
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("span", [1e-6, 1.0, 300.0])
+def test_host_rounds_are_the_tensor_rounds(bins: int, seed: int, span: float) -> None:
+    hist = _histograms(seed, bins)  # 7 channels, negative counts in one
+    low = torch.linspace(-3, 1, hist.shape[0])
+    _search_host_and_tensor(hist, low, low + span)
+    _search_host_and_tensor(hist[2:3], low[:1], low[:1] + span)  # one channel
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    counts=st.lists(st.integers(-3, 50), min_size=16, max_size=300),
+    channels=st.integers(1, 3),
+    scale=st.sampled_from([1, 30_000, 90_001]),
+    span=st.sampled_from([1e-9, 2e-6, 3e-5, 1.0, 50.0]),
+)
+def test_host_rounds_of_arbitrary_histograms(counts: list[int], channels: int, scale: int, span: float) -> None:
+    hist = torch.tensor([counts]).roll(1).repeat(channels, 1)
+    hist = hist.roll(7, 1) if channels == 1 else torch.stack([row.roll(5 * c) for c, row in enumerate(hist)])
+    hist = hist * scale
+    hist[:, 0] = hist[:, 0].abs() + 1
+    hist[:, -1] = hist[:, -1].abs() + 1
+    low = torch.full((channels,), -0.5)
+    _search_host_and_tensor(hist, low, low + span)
 
 
 def test_errors_match_the_per_bin_formula() -> None:
