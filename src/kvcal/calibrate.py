@@ -12,11 +12,9 @@ batch would need the raw data of all batches, which HFMG deliberately never keep
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
-import stat
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kvcal.atomic import atomic_write
 from kvcal.dataset import Dataset, open_dataset
 from kvcal.device import resolve_device
 from kvcal.errors import CalibrationError, KvcalError, RecordError, RecordOverwriteWarning
@@ -453,36 +452,12 @@ def _check_report_path(report_path: str | os.PathLike[str] | None) -> None:
         raise KvcalError(f"cannot write report {os.fspath(report_path)}: directory {parent} does not exist")
 
 
-def _new_file_mode(target: str) -> int:
-    """An existing file keeps its mode; a new one gets what the umask allows, as open() would."""
-    try:
-        return stat.S_IMODE(os.stat(target).st_mode)
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def write_report(result: CalibrationResult, path: str | os.PathLike[str]) -> None:
     """Write `result.to_dict()` as JSON: a temporary file beside `path`, fsync, rename."""
     import json
-    import tempfile
 
-    target = os.fspath(path)
     text = json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
-    directory = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _new_file_mode(target))
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(Path(path), text.encode("utf-8"))
 
 
 def calibrate_from_files(

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from kvcal.atomic import atomic_write
 from kvcal.errors import ConfigError
 from kvcal.plan import (
     AlgoParams,
@@ -83,52 +84,12 @@ def write_config(plan: CalibrationPlan, path: str | os.PathLike[str]) -> None:
     """
     target = os.fspath(path)
     text = plan_to_json(plan)
-    directory = os.path.dirname(os.path.abspath(target))
     if os.path.isdir(target):
         raise ConfigError(f"cannot write config {target}: it is a directory")
-    temp_path: str | None = None
     try:
-        fd, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp makes the file private; give it the mode a plain open() would.
-        os.chmod(temp_path, _new_file_mode(target))
-        os.replace(temp_path, target)
-        temp_path = None
-        _fsync_directory(directory)
+        atomic_write(Path(target), text.encode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot write config {target}: {exc.strerror or exc}") from None
-    finally:
-        if temp_path is not None:
-            try:
-                os.unlink(temp_path)
-            except OSError:
-                pass
-
-
-def _new_file_mode(target: str) -> int:
-    try:
-        return os.stat(target).st_mode & 0o777
-    except OSError:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the rename durable where the platform allows opening a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _DuplicateKey(Exception):

@@ -30,8 +30,6 @@ import contextlib
 import errno
 import math
 import os
-import secrets
-import stat
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import numpy as np
 from google.protobuf import text_format
 
+from kvcal.atomic import atomic_write, existing_mode
 from kvcal.errors import RecordError
 from kvcal.proto.scale_offset_record_pb2 import MapFiledEntry, ScaleOffsetRecord
 
@@ -510,55 +509,6 @@ def _exclusive_lock(target: Path, *, source: str, timeout: float) -> Iterator[No
         os.close(fd)
 
 
-# ---------------------------------------------------------------- atomic write
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable; best effort, the rename itself has already happened."""
-    if os.name != "posix":  # pragma: no cover - Windows cannot open a directory to fsync it
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(target: Path, data: bytes, *, mode: int | None) -> None:
-    """Write `data` to a temp file beside `target`, fsync, rename over it; on any exception
-    (KeyboardInterrupt included) the temp file is removed and `target` is untouched."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-    while True:
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            # 0o666 lets the umask decide a new record's mode, as for any file the user creates.
-            fd = os.open(tmp, flags, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(target.parent)
-
-
 # ---------------------------------------------------------------- merging
 
 
@@ -645,16 +595,13 @@ def _merge(
     changes = _apply(record, factors)
     must_write = backup is not None or any(change.status != "unchanged" for change in changes)
     if write and must_write:
-        mode = None
-        if data is not None:
-            with contextlib.suppress(OSError):
-                mode = stat.S_IMODE(os.stat(target).st_mode)
+        mode = existing_mode(target) if data is not None else None
         try:
             if backup is not None:
                 # A copy written like the record, not a rename: the record path never goes
                 # missing, and a failure below still leaves the unreadable original in place.
-                _atomic_write(backup, data or b"", mode=mode)
-            _atomic_write(target, format_record(record).encode("utf-8"), mode=mode)
+                atomic_write(backup, data or b"", mode=mode)
+            atomic_write(target, format_record(record).encode("utf-8"), mode=mode)
         except OSError as exc:
             raise RecordError(f"cannot write record {source}: {exc}") from exc
     return OverwriteReport(
