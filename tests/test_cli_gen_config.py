@@ -173,6 +173,8 @@ def test_unwritable_output(tmp_path: Path) -> None:
     result = run("--model", TINY, "--quant-layers", K_PROJ, "-o", str(tmp_path / "missing" / "c.json"))
     assert result.exit_code == 1
     assert "error: cannot write config" in result.stderr
+    assert f"directory {tmp_path / 'missing'} does not exist" in result.stderr
+    assert not (tmp_path / "missing").exists()
 
 
 def test_output_onto_the_cfg_itself_is_refused(tmp_path: Path) -> None:

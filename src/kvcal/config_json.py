@@ -86,6 +86,9 @@ def write_config(plan: CalibrationPlan, path: str | os.PathLike[str]) -> None:
     text = plan_to_json(plan)
     if os.path.isdir(target):
         raise ConfigError(f"cannot write config {target}: it is a directory")
+    directory = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"cannot write config {target}: directory {directory} does not exist")
     try:
         atomic_write(Path(target), text.encode("utf-8"))
     except OSError as exc:
