@@ -90,7 +90,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-# --- gen-config (owned by the config work) ---
+# --- gen-config ---
 
 
 @main.command("gen-config")
@@ -147,7 +147,7 @@ def gen_config_command(
     render_gen_config(plan, output)
 
 
-# --- calibrate (owned by the runtime work) ---
+# --- calibrate ---
 
 
 @main.command("calibrate")
@@ -244,7 +244,7 @@ def calibrate_command(
         render_overwrite_report(result.report)
 
 
-# --- inspect-record (owned by the record work) ---
+# --- inspect-record ---
 
 
 @main.command("inspect-record")

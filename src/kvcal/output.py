@@ -52,7 +52,7 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-# --- gen-config rendering (owned by the config work) ---
+# --- gen-config ---
 
 
 def render_gen_config(plan: Any, output: str) -> None:
@@ -87,7 +87,7 @@ def render_gen_config(plan: Any, output: str) -> None:
     _print_table(_table(title, f"wrote {output}", columns, rows))
 
 
-# --- record / overwrite report / inspect rendering (owned by the record work) ---
+# --- records: overwrite report, inspect-record ---
 
 _STATUS_STYLE = {
     "new": "green",
@@ -262,7 +262,7 @@ def render_inspection(result: RecordSummary | RecordDetail | RecordDiff) -> None
         raise TypeError(f"cannot render {type(result).__name__}")
 
 
-# --- calibrate progress and summary rendering (owned by the runtime work) ---
+# --- calibrate: progress and summary ---
 
 
 class _KvcalLogHandler(logging.Handler):
