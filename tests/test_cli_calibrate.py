@@ -270,6 +270,24 @@ def test_recalibration_shows_old_to_new_and_keeps_foreign_entries(ws: Workspace)
     assert parsed.record[0].key == "lm_head" and parsed.record[0].value.scale_d == 0.25
 
 
+def test_existing_record_is_parsed_once_before_the_merge(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvcal.record
+
+    ws.record.write_text(FOREIGN_RECORD, encoding="utf-8")
+    torch.save(randn(2, 8), ws.data / "a.pt")
+    parses: list[str] = []
+    real = kvcal.record.parse_record
+
+    def counting(data: bytes | str, *, source: str) -> Any:
+        parses.append(source)
+        return real(data, source=source)
+
+    monkeypatch.setattr(kvcal.record, "parse_record", counting)
+    assert ws.run("--quiet").exit_code == 0
+    # One early check (before the model loads), one under the lock in the merge.
+    assert parses == [str(ws.record), str(ws.record)]
+
+
 def test_same_data_again_is_unchanged(ws: Workspace) -> None:
     torch.save(randn(2, 8), ws.data / "a.pt")
     assert ws.run("--quiet").exit_code == 0

@@ -376,8 +376,13 @@ def run_calibration(
     dry_run: bool = False,
     force: bool = False,
     progress: ProgressCallback | None = None,
+    record_checked: bool = False,
 ) -> CalibrationResult:
     """Calibrate every layer of `plan` on the data files of `dataset_dir`, then write the record.
+
+    The record is checked before the first forward pass, unless `record_checked` says the
+    caller already did (`calibrate_from_files` checks it before loading the model; a
+    large record takes long to parse, and the merge parses it once more under the lock).
 
     The model is put in eval mode and moved to `device`; batches run under
     `torch.inference_mode()` until every layer has `batch_num` batches (later files
@@ -398,7 +403,8 @@ def run_calibration(
         dataset = dataclasses.replace(dataset_dir, device=target)
     else:
         dataset = open_dataset(dataset_dir, target)
-    _check_record_early(record_path, force=force)
+    if not record_checked:
+        _check_record_early(record_path, force=force)
     model.eval()
     model.to(target)
     files_run: list[Path] = []
@@ -497,6 +503,7 @@ def calibrate_from_files(
         dry_run=dry_run,
         force=force,
         progress=progress,
+        record_checked=True,
     )
     if report_path is not None:
         write_report(result, report_path)
