@@ -275,17 +275,26 @@ def test_existing_record_is_parsed_once_before_the_merge(ws: Workspace, monkeypa
 
     ws.record.write_text(FOREIGN_RECORD, encoding="utf-8")
     torch.save(randn(2, 8), ws.data / "a.pt")
+    reads: list[str] = []
     parses: list[str] = []
-    real = kvcal.record.parse_record
+    real_read, real_parse = kvcal.record.parse_record, kvcal.record.text_format.Parse
 
-    def counting(data: bytes | str, *, source: str) -> Any:
-        parses.append(source)
-        return real(data, source=source)
+    def counting_read(data: bytes | str, *, source: str) -> Any:
+        reads.append(source)
+        return real_read(data, source=source)
 
-    monkeypatch.setattr(kvcal.record, "parse_record", counting)
+    def counting_parse(text: str, message: Any) -> Any:
+        parses.append(text)
+        return real_parse(text, message)
+
+    monkeypatch.setattr(kvcal.record, "parse_record", counting_read)
+    monkeypatch.setattr(kvcal.record.text_format, "Parse", counting_parse)
+    monkeypatch.setattr(kvcal.record, "_last_parse", None)
     assert ws.run("--quiet").exit_code == 0
-    # One early check (before the model loads), one under the lock in the merge.
-    assert parses == [str(ws.record), str(ws.record)]
+    # Read twice: an early check (before the model loads) and under the lock in the merge;
+    # the bytes did not change in between, so the protobuf text is parsed once.
+    assert reads == [str(ws.record), str(ws.record)]
+    assert len(parses) == 1
 
 
 def test_same_data_again_is_unchanged(ws: Workspace) -> None:

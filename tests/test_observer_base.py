@@ -23,7 +23,7 @@ class RecordingObserver(Observer):
         super().__init__(settings, name)
         self.seen: list[Tensor] = []
 
-    def _accumulate(self, x: Tensor) -> None:
+    def _accumulate(self, x: Tensor, low: Tensor, high: Tensor) -> None:
         self.seen.append(x)
 
     def _compute(self) -> QParams:

@@ -101,6 +101,20 @@ def test_parse_record_accepts_a_bom_and_rejects_duplicate_optional_fields() -> N
         parse_record('record { key: "a" key: "b" }', source="d.txt")
 
 
+def test_the_same_bytes_again_give_an_equal_record_of_the_callers_own() -> None:
+    data = FULL.read_bytes()
+    first = parse_record(data, source="a.txt")
+    first.record[0].key = "changed by the caller"
+    again = parse_record(data, source="b.txt")
+    assert again.record[0].key == "conv1"  # the first caller's edit did not leak
+    assert again == read_record(FULL)
+    other = parse_record(data.replace(b'"conv1"', b'"conv2"'), source="c.txt")
+    assert other.record[0].key == "conv2"
+    # An error is still an error after a good parse of other bytes.
+    with pytest.raises(RecordError, match=r"^x\.txt:1:"):
+        parse_record(b"record { nope: 1 }", source="x.txt")
+
+
 def test_load_or_empty_treats_a_missing_file_as_empty(tmp_path: Path) -> None:
     assert load_or_empty(tmp_path / "none.txt") == ScaleOffsetRecord()
     assert load_or_empty(FULL) == read_record(FULL)

@@ -61,13 +61,13 @@ class Observer(ABC):
                 )
         else:
             channels = 1
-        x = x.detach()
+        view = to_channels(x.detach(), self.settings.granularity)
         # min and max propagate NaN and carry any inf: one cheap reduction instead of isfinite(x).
-        low, high = torch.aminmax(x)
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        low, high = self._extrema(view)
+        if not bool((torch.isfinite(low) & torch.isfinite(high)).all()):
             raise CalibrationError(f"{self._where()}: batch {self.batches_seen + 1} contains NaN or inf values")
         self.channels = channels
-        self._accumulate(to_channels(x, self.settings.granularity))
+        self._accumulate(view, low, high)
         self.batches_seen += 1
 
     def compute(self) -> QParams:
@@ -94,9 +94,20 @@ class Observer(ABC):
         self._merge(other)
         self.batches_seen += other.batches_seen
 
+    def _extrema(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Minimum and maximum of the batch `x` [channels, values] (NaN propagates), any shape.
+
+        The base class only checks them for NaN/inf; an algorithm that needs the
+        per-channel extrema overrides this so that the batch is reduced once.
+        """
+        return torch.aminmax(x)
+
     @abstractmethod
-    def _accumulate(self, x: Tensor) -> None:
-        """Add one validated batch laid out as [channels, values], in its original dtype."""
+    def _accumulate(self, x: Tensor, low: Tensor, high: Tensor) -> None:
+        """Add one validated batch laid out as [channels, values], in its original dtype.
+
+        `low` and `high` are what `_extrema(x)` returned (all finite).
+        """
 
     @abstractmethod
     def _compute(self) -> QParams:

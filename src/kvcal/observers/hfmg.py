@@ -512,16 +512,6 @@ def search_clip_ranges(hist: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Te
     return lo + best_left * width, lo + (best_right + 1) * width
 
 
-def _channel_extrema(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel min and max of x [C, N] as float32 [C]."""
-    if x.shape[0] == 1:
-        low, high = torch.aminmax(x)
-        return low.reshape(1).to(torch.float32), high.reshape(1).to(torch.float32)
-    # Over the [N, C] memory order, amin/amax vectorize across channels (aminmax does not).
-    rows = x.t()
-    return torch.amin(rows, 0).to(torch.float32), torch.amax(rows, 0).to(torch.float32)
-
-
 class HfmgObserver(Observer):
     """HFMG for one layer: a per-channel histogram, then an L2 search of the clip range.
 
@@ -555,20 +545,28 @@ class HfmgObserver(Observer):
                 "HFMG cannot bin it"
             )
 
-    def _accumulate(self, x: Tensor) -> None:
+    def _extrema(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel min and max of x [C, N] as float32 [C] (the base class's NaN check too)."""
+        if x.shape[0] == 1:
+            low, high = torch.aminmax(x)
+            return low.reshape(1).to(torch.float32), high.reshape(1).to(torch.float32)
+        # Over the [N, C] memory order, amin/amax vectorize across channels (aminmax does not).
+        rows = x.t()
+        return torch.amin(rows, 0).to(torch.float32), torch.amax(rows, 0).to(torch.float32)
+
+    def _accumulate(self, x: Tensor, low: Tensor, high: Tensor) -> None:
         bins = self.num_of_bins
-        mins, maxs = _channel_extrema(x)
         state = self.state
         if state is None:
-            self._check_range(mins, maxs)
-            self._lo, self._hi = mins, maxs
+            self._check_range(low, high)
+            self._lo, self._hi = low, high
             self._hist = torch.zeros(x.shape[0], bins, dtype=torch.int64, device=x.device)
             for c0 in range(0, x.shape[0], self._channel_step()):
                 part = slice(c0, c0 + self._channel_step())
-                self._hist[part] = bin_channels(x[part], mins[part], maxs[part], bins)
+                self._hist[part] = bin_channels(x[part], low[part], high[part], bins)
             return
         lo, hi, hist = state
-        new_lo, new_hi = torch.minimum(lo, mins), torch.maximum(hi, maxs)
+        new_lo, new_hi = torch.minimum(lo, low), torch.maximum(hi, high)
         self._check_range(new_lo, new_hi)
         # Channel block by channel block, in place: the old block is folded before it is
         # overwritten, so no second [C, B] histogram is ever alive.

@@ -28,8 +28,14 @@ _FLOAT64_UNIT_ROUNDOFF = 2.0**-53
 # Elements per float32 chunk of the percentile pass, and rows per block of its top-k.
 _PERCENTILE_BUDGET = 1 << 20
 _TOPK_BLOCK_ROWS = 1 << 14
+# Mean elements per batch under which the extremes pass still glues batches together.
+_GLUE_BELOW = 1 << 14
 # Devices known to have float64 arithmetic (NPUs and MPS do not).
 _FLOAT64_DEVICES = ("cpu", "cuda")
+# Devices whose mse_loss kernel (reduction 'none') is checked to be a plain
+# `diff = a - b; diff * diff` in the input dtype: the loss loop fuses sub_ + square_ into it.
+_FUSED_SQUARE_DEVICES = ("cpu",)
+_MSE_OUT = torch.ops.aten.mse_loss.out
 
 
 def percentile_rank(percentile: float, n: int) -> int:
@@ -64,11 +70,17 @@ def candidate_ratios(start: float, end: float, step: float) -> Tensor:
     return torch.arange(start32, end32, step32, dtype=torch.float32)
 
 
-def _float32_chunks(parts: list[Tensor], rows: int) -> Iterator[Tensor]:
+def _float32_chunks(parts: list[Tensor], rows: int, glue: bool = True) -> Iterator[Tensor]:
     """Walk `parts` ([n_b, C] each, any float dtype) as float32 chunks of at most `rows` rows.
 
-    Small parts are concatenated so that many tiny batches do not mean many tiny chunks.
+    Small parts are concatenated so that many tiny batches do not mean many tiny chunks;
+    with `glue` False each part is cut on its own (no copy where it is already float32).
     """
+    if not glue:
+        for part in parts:
+            for start in range(0, int(part.shape[0]), rows):
+                yield part[start : start + rows].to(torch.float32)
+        return
     pending: list[Tensor] = []
     pending_rows = 0
     for part in parts:
@@ -162,7 +174,7 @@ class IfmrObserver(Observer):
         """The dtype each accumulated batch is kept in (inputs are never upcast in memory)."""
         return [part.dtype for part in self._parts]
 
-    def _accumulate(self, x: Tensor) -> None:
+    def _accumulate(self, x: Tensor, low: Tensor, high: Tensor) -> None:
         # Back to [values, channels]: the activation's own layout, so per-channel data is
         # not transposed. Cloned because the model may later modify its output in place.
         part = x.t().clone(memory_format=torch.contiguous_format)
@@ -182,7 +194,15 @@ class IfmrObserver(Observer):
         n = sum(int(part.shape[0]) for part in self._parts)
         max_init, min_init = self._initial_bounds(n, channels)
         scales, lo, hi = self._candidates(max_init, min_init)
-        best = self._search(scales, lo, hi, device)
+        # With k_min = 1 the asymmetric lower bound is at most every value (a NaN value
+        # makes it NaN): clamping to it changes no value, up to the sign of a zero, which
+        # the square removes. The loss pass then skips it.
+        lo_floor = (
+            self.settings.asymmetric
+            and percentile_rank(self.params.min_percentile, n) == 1
+            and not bool(torch.isnan(min_init).any())
+        )
+        best = self._search(scales, lo, hi, device, lo_floor)
         scale = scales.gather(0, best.unsqueeze(0)).squeeze(0)
         if self.settings.asymmetric:
             half = float(2 ** (self.settings.num_bits - 1))
@@ -191,7 +211,7 @@ class IfmrObserver(Observer):
             offset = torch.zeros(channels, dtype=torch.int32, device=device)
         return QParams(scale=scale, offset=offset)
 
-    def _search(self, scales: Tensor, lo: Tensor, hi: Tensor, device: torch.device) -> Tensor:
+    def _search(self, scales: Tensor, lo: Tensor, hi: Tensor, device: torch.device, lo_floor: bool) -> Tensor:
         """Index of the best candidate per channel, [C]: the first of the minimal losses.
 
         A fast pass sums each chunk in float32. Its error is bounded, so only candidates
@@ -200,7 +220,7 @@ class IfmrObserver(Observer):
         device has float64). Float32 sums alone can merge near-ties (seen at 3e-8 relative)
         and move the argmin.
         """
-        loss, terms, partials = self._losses(scales, lo, hi, device, wide=False)
+        loss, terms, partials = self._losses(scales, lo, hi, device, lo_floor, wide=False)
         if device.type not in _FLOAT64_DEVICES:
             return _first_argmin(loss)
         loss = _nan_to_inf(loss)
@@ -221,7 +241,9 @@ class IfmrObserver(Observer):
         picked = key.sort(dim=0).values[:count]
         picked = torch.where(picked < candidates, picked, picked[:1].expand_as(picked))
         sub_lo = lo if lo.shape[0] == 1 else lo.gather(0, picked)
-        sub_loss, _, _ = self._losses(scales.gather(0, picked), sub_lo, hi.gather(0, picked), device, wide=True)
+        sub_loss, _, _ = self._losses(
+            scales.gather(0, picked), sub_lo, hi.gather(0, picked), device, lo_floor, wide=True
+        )
         return picked.gather(0, _first_argmin(sub_loss).unsqueeze(0)).squeeze(0)
 
     def _initial_bounds(self, n: int, channels: int) -> tuple[Tensor, Tensor]:
@@ -232,8 +254,12 @@ class IfmrObserver(Observer):
         rows = max(_PERCENTILE_BUDGET // channels, 4 * max(k_max, k_min), 1)
         top: Tensor | None = None
         bottom: Tensor | None = None
-        for chunk in _float32_chunks(self._parts, rows):
-            if k_max == 1 and k_min == 1:
+        # Extremes merge across pieces for free: large parts are read in place rather than
+        # glued together first (a copy of all the data). Small ones are still glued.
+        extremes = k_max == 1 and k_min == 1
+        glue = not extremes or n * channels < _GLUE_BELOW * len(self._parts)
+        for chunk in _float32_chunks(self._parts, rows, glue):
+            if extremes:
                 high, low = chunk.amax(dim=0), chunk.amin(dim=0)
                 top = high if top is None else torch.maximum(top, high)
                 bottom = low if bottom is None else torch.minimum(bottom, low)
@@ -275,7 +301,7 @@ class IfmrObserver(Observer):
         return scales, lo, hi
 
     def _losses(
-        self, scales: Tensor, lo: Tensor, hi: Tensor, device: torch.device, wide: bool
+        self, scales: Tensor, lo: Tensor, hi: Tensor, device: torch.device, lo_floor: bool, wide: bool
     ) -> tuple[Tensor, int, int]:
         """Sum over the data of the squared reconstruction error, per candidate and channel.
 
@@ -284,6 +310,7 @@ class IfmrObserver(Observer):
             lo: [1, C] (shared by all candidates) or [K, C] lower clip bounds.
             hi: [K, C] upper clip bounds.
             device: where the data is.
+            lo_floor: `lo` is shared and no value lies below it, so it is not applied.
             wide: sum every float32 square in float64; else sum each chunk in float32.
 
         Returns:
@@ -293,6 +320,11 @@ class IfmrObserver(Observer):
         candidates, channels = scales.shape
         budget = _LOSS_BUDGET_CPU if device.type == "cpu" else _LOSS_BUDGET_ACCEL
         rows = max(budget // (candidates * channels), 1)
+        # As many chunks as the budget needs, of equal size: no short last chunk paying
+        # the per-operation overheads for a few rows.
+        values = sum(int(part.shape[0]) for part in self._parts)
+        if values > rows:
+            rows = -(-values // -(-values // rows))
         acc_dtype = torch.float64 if device.type in _FLOAT64_DEVICES else torch.float32
         total = torch.zeros(candidates, channels, dtype=acc_dtype, device=device)
         s = scales.unsqueeze(1)  # [K, 1, C]
@@ -300,19 +332,47 @@ class IfmrObserver(Observer):
         shared_lo = lo.shape[0] == 1
         work = torch.empty(candidates, rows, channels, dtype=torch.float32, device=device)
         wide_work = torch.empty_like(work, dtype=acc_dtype) if wide and acc_dtype != torch.float32 else None
+        fused_square = device.type in _FUSED_SQUARE_DEVICES
+        # Every candidate's clamp leaves x in [free_lo, free_hi] as it is, after the shared
+        # lower clamp: a chunk that lies there can skip the [K, rows, C] clamp passes.
+        # Checked on CPU (one host read per chunk), and only while it pays.
+        check_free = device.type == "cpu"
+        free_lo, free_hi = (float(lo.max()), float(hi.min())) if check_free else (0.0, 0.0)
+        hits = misses = 0
         partials = 0
         for chunk in _float32_chunks(self._parts, rows):
             partials += 1
             n = chunk.shape[0]
             buf = work[:, :n]
+            free = False
+            if check_free:
+                low, high = (float(v) for v in torch.aminmax(chunk))
+                free = high <= free_hi and (free_lo <= free_hi if shared_lo else free_lo <= low)
+                hits, misses = hits + free, misses + (not free)
+                check_free = misses <= hits + 2
             # Same float32 operations, in the same order, as the definition:
             # round(clamp(x, lo, hi) / s) * s - x, squared. clamp is spelt maximum then
             # minimum (equal for lo <= hi): the 3-tensor clamp kernel is many times slower.
+            # A free chunk needs neither; a floor `lo` is not applied (see _compute).
             if shared_lo:
-                torch.minimum(torch.maximum(chunk, lo), hi3, out=buf)
+                low_clamped = chunk if lo_floor else torch.maximum(chunk, lo)  # [n, C]
+                if free:
+                    torch.div(low_clamped, s, out=buf)
+                else:
+                    torch.minimum(low_clamped, hi3, out=buf).div_(s)
+            elif free:
+                torch.div(chunk, s, out=buf)
             else:
-                torch.minimum(torch.maximum(chunk, lo3, out=buf), hi3, out=buf)
-            buf.div_(s).round_().mul_(s).sub_(chunk).square_()
+                torch.minimum(torch.maximum(chunk, lo3, out=buf), hi3, out=buf).div_(s)
+            buf.round_().mul_(s)
+            if fused_square:
+                # (buf - x)^2 in one pass instead of two. Per element the mse kernel
+                # computes `diff = a - b; diff * diff`: the same two float32 roundings as
+                # sub_ then square_, so the values are bit-identical (a square has no
+                # addend, so no fused multiply-add can form). The reduction is 'none'.
+                _MSE_OUT(buf, chunk.expand_as(buf), 0, out=buf)
+            else:
+                buf.sub_(chunk).square_()
             if wide_work is None:
                 total += buf.sum(dim=1)
             else:
