@@ -575,3 +575,25 @@ def test_merge_into_an_empty_observer_copies() -> None:
     assert all(torch.equal(x, y) for x, y in zip(_state_copy(empty), _state_copy(source)))
     assert empty.state is not None and source.state is not None
     assert empty.state[2].data_ptr() != source.state[2].data_ptr()  # a copy, not shared
+
+
+@pytest.mark.parametrize("granularity", [0, 1])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_non_finite_batch_is_refused_and_the_state_kept(granularity: int, bad: float, dtype: torch.dtype) -> None:
+    # HFMG's own per-channel extrema are what the base class checks for NaN/inf.
+    settings = QuantSettings(HfmgParams(num_of_bins=1024), granularity, True, 3)
+    observer = make_observer(settings, "model.layers.0.self_attn.k_proj")
+    gen = torch.Generator().manual_seed(7)
+    observer.update(torch.randn(16, 4, generator=gen).to(dtype))
+    state = observer.state
+    assert state is not None
+    before = [t.clone() for t in state]
+    x = (torch.randn(16, 4, generator=gen) * 3).to(dtype)
+    x[9, 2] = bad
+    with pytest.raises(CalibrationError, match=r"'model\.layers\.0\.self_attn\.k_proj': batch 2 contains NaN or inf"):
+        observer.update(x)
+    assert observer.batches_seen == 1
+    after = observer.state
+    assert after is not None
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -95,10 +95,11 @@ class Observer(ABC):
         self.batches_seen += other.batches_seen
 
     def _extrema(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Minimum and maximum of the batch `x` [channels, values] (NaN propagates), any shape.
+        """Minimum and maximum of the batch `x` [channels, values]; NaN must propagate.
 
-        The base class only checks them for NaN/inf; an algorithm that needs the
-        per-channel extrema overrides this so that the batch is reduced once.
+        Here over the whole batch (0-d), which is all the NaN/inf check needs; an
+        algorithm that needs per-channel extrema overrides this, so that each batch is
+        reduced once, and receives them in `_accumulate`.
         """
         return torch.aminmax(x)
 
