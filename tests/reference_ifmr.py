@@ -45,9 +45,8 @@ def _one_channel(
     max_init = torch.clamp(max_init, min=0.0)
     min_init = torch.clamp(min_init, max=0.0)
 
-    # The parameters are float32 config fields: arange over their float32 values gives the
-    # 60 default candidates 0.70 ... 1.29 (over the float64 values it would give 61).
-    start, end, step = (float(torch.tensor(v, dtype=torch.float32)) for v in (*search_range, search_step))
+    # The parameters are Python floats (float64), as given: the defaults give 61 candidates.
+    start, end, step = float(search_range[0]), float(search_range[1]), float(search_step)
     ratios = torch.arange(start, end, step, dtype=torch.float32)
     losses: list[float] = []
     scales: list[torch.Tensor] = []

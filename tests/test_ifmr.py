@@ -416,27 +416,35 @@ def test_percentile_rank(percentile: float, n: int, expected: int) -> None:
     assert percentile_rank(percentile, n) == expected
 
 
-def test_default_candidates_are_the_60_ratios_of_the_spec() -> None:
+def test_default_candidates_are_the_61_ratios_of_the_spec() -> None:
     ratios = candidate_ratios(0.7, 1.3, 0.01)
     assert ratios.dtype == torch.float32
-    assert ratios.numel() == 60
-    expected = torch.tensor([round(0.70 + i / 100, 2) for i in range(60)], dtype=torch.float32)
+    assert ratios.numel() == 61
+    assert ratios[-1].item() == pytest.approx(1.2999999523, abs=1e-10)
+    expected = torch.tensor([round(0.70 + i / 100, 2) for i in range(61)], dtype=torch.float32)
     # Each ratio is the float32 nearest its two-decimal value, give or take one ulp.
     torch.testing.assert_close(ratios, expected, rtol=2e-7, atol=0.0)
 
 
 def test_candidates_follow_search_range_and_step() -> None:
+    assert candidate_ratios(0.8, 1.2, 0.02).numel() == 20
     assert candidate_ratios(0.5, 1.0, 0.05).numel() == 10
     assert candidate_ratios(1.0, 2.5, 1.5).tolist() == [1.0]
     assert candidate_ratios(0.9, 1.1, 0.003).numel() == 67
 
 
-def test_parameters_with_no_float32_candidate() -> None:
-    with pytest.raises(ValueError, match="no candidate ratio"):
-        candidate_ratios(1.0, 1.00000001, 1e-9)
-    settings_ = ifmr_settings(search_range=(1.0, 1.00000001), search_step=1e-9)
-    with pytest.raises(ConfigError, match="'layers.0.k_proj': search_range"):
-        IfmrObserver(settings_, "layers.0.k_proj")
+def test_candidates_use_float64_parameters_not_their_float32_roundings() -> None:
+    # The defaults: 61 from the float64 values, 60 had they been rounded to float32 first.
+    f32 = [float(torch.tensor(v, dtype=torch.float32)) for v in (0.7, 1.3, 0.01)]
+    assert torch.arange(*f32, dtype=torch.float32).numel() == 60
+    assert candidate_ratios(0.7, 1.3, 0.01).numel() == 61
+    # A range whose float32 ends coincide still has candidates from its float64 values.
+    assert candidate_ratios(1.0, 1.00000001, 1e-9).numel() == 10
+
+
+def test_observer_searches_61_default_candidates() -> None:
+    observer = IfmrObserver(ifmr_settings(), "layers.0.k_proj")
+    assert observer._ratios.numel() == 61
 
 
 def test_first_argmin_takes_first_tie_and_skips_nan() -> None:

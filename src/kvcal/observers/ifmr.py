@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from kvcal.errors import ConfigError
 from kvcal.observers.base import Observer
 from kvcal.plan import IfmrParams, QuantSettings
 from kvcal.quant import EPS, QParams
@@ -46,28 +45,15 @@ def percentile_rank(percentile: float, n: int) -> int:
     return min(max(n - int(percentile * n), 1), n)
 
 
-def _as_float32(value: float) -> float:
-    return float(torch.tensor(value, dtype=torch.float32))
-
-
 def candidate_ratios(start: float, end: float, step: float) -> Tensor:
     """The search ratios `torch.arange(start, end, step, dtype=float32)`, on CPU.
 
-    The three parameters are taken as the float32 values they are in the config schema
-    (FMRQuantize fields are proto `float`). This is what makes the defaults give the 60
-    candidates 0.70 ... 1.29 that ALGORITHMS.md states: with the float64 values,
-    (1.3 - 0.7) / 0.01 = 60.00000000000001 and torch.arange yields 61 (up to 1.30).
-
-    Raises:
-        ValueError: the float32 values leave no candidate (e.g. start and end round together).
+    The three parameters are the Python floats (float64) of the JSON config or of
+    `quant_algo_params`, never rounded to float32 first: arange sizes the result in
+    float64, so the defaults give 61 candidates, 0.70 ... 1.2999999523
+    ((1.3 - 0.7) / 0.01 = 60.00000000000001), as the reference toolkit does.
     """
-    start32, end32, step32 = _as_float32(start), _as_float32(end), _as_float32(step)
-    if not (step32 > 0.0 and end32 > start32):
-        raise ValueError(
-            f"search_range [{start!r}, {end!r}] with search_step {step!r} gives no candidate ratio "
-            f"once rounded to float32 ([{start32!r}, {end32!r}], step {step32!r})"
-        )
-    return torch.arange(start32, end32, step32, dtype=torch.float32)
+    return torch.arange(float(start), float(end), float(step), dtype=torch.float32)
 
 
 def _float32_chunks(parts: list[Tensor], rows: int, glue: bool = True) -> Iterator[Tensor]:
@@ -161,11 +147,7 @@ class IfmrObserver(Observer):
             raise TypeError(f"IfmrObserver needs IfmrParams, got {type(settings.params).__name__}")
         super().__init__(settings, name)
         self.params: IfmrParams = settings.params
-        try:
-            # Checked now, so bad parameters fail before any data is collected.
-            self._ratios = candidate_ratios(*self.params.search_range, self.params.search_step)
-        except ValueError as exc:
-            raise ConfigError(f"{self._where()}: {exc}") from exc
+        self._ratios = candidate_ratios(*self.params.search_range, self.params.search_step)
         # One [n_b, C] tensor per batch, in arrival order and original dtype.
         self._parts: list[Tensor] = []
 
