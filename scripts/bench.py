@@ -31,7 +31,7 @@ from reference_hfmg import hfmg_reference  # noqa: E402
 from reference_ifmr import ifmr_reference  # noqa: E402
 
 from kvcal.observers import make_observer  # noqa: E402
-from kvcal.plan import HfmgParams, IfmrParams, QuantSettings  # noqa: E402
+from kvcal.params import HfmgParams, IfmrParams, QuantSettings  # noqa: E402
 
 
 @dataclass
@@ -196,8 +196,8 @@ def calibrate_over_forward(device: torch.device, **model_args: int) -> tuple[flo
     from demo_model import build
     from make_demo_data import write_batches
 
-    from kvcal.calibrate import run_calibration
-    from kvcal.simple_cfg import load_cfg
+    from kvcal.calibration.runner import run_calibration
+    from kvcal.kv.cfg import load_cfg
 
     model = build(**model_args).to(device)
     plan = load_cfg(ROOT / "configs" / "example.cfg", model)
@@ -237,7 +237,7 @@ _MEMORY_CHILD = r"""
 import os, sys, torch
 sys.path.insert(0, sys.argv[1])
 from kvcal.observers import make_observer
-from kvcal.plan import HfmgParams, IfmrParams, QuantSettings
+from kvcal.params import HfmgParams, IfmrParams, QuantSettings
 
 def rss_kib():
     with open("/proc/self/statm") as f:

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from kvcal.record.store import read_record
 from safetensors.torch import save_file
 
 from kvcal.cli import main
-from kvcal.config_json import write_config
+from kvcal.floats import f32_text
+from kvcal.kv.config_json import write_config
+from kvcal.kv.plan import CalibrationPlan, LayerPlan
 from kvcal.observers import make_observer
-from kvcal.plan import CalibrationPlan, HfmgParams, IfmrParams, LayerPlan
-from kvcal.record import f32_text, read_record
+from kvcal.params import HfmgParams, IfmrParams
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -271,13 +273,15 @@ def test_recalibration_shows_old_to_new_and_keeps_foreign_entries(ws: Workspace)
 
 
 def test_existing_record_is_parsed_once_before_the_merge(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kvcal.record
+    import kvcal.record.store
+
+    import kvcal.textproto
 
     ws.record.write_text(FOREIGN_RECORD, encoding="utf-8")
     torch.save(randn(2, 8), ws.data / "a.pt")
     reads: list[str] = []
     parses: list[str] = []
-    real_read, real_parse = kvcal.record.parse_record, kvcal.record.text_format.Parse
+    real_read, real_parse = kvcal.record.store.parse_record, kvcal.textproto.text_format.Parse
 
     def counting_read(data: bytes | str, *, source: str) -> Any:
         reads.append(source)
@@ -287,8 +291,8 @@ def test_existing_record_is_parsed_once_before_the_merge(ws: Workspace, monkeypa
         parses.append(text)
         return real_parse(text, message)
 
-    monkeypatch.setattr(kvcal.record, "parse_record", counting_read)
-    monkeypatch.setattr(kvcal.record.text_format, "Parse", counting_parse)
+    monkeypatch.setattr(kvcal.record.store, "parse_record", counting_read)
+    monkeypatch.setattr(kvcal.textproto.text_format, "Parse", counting_parse)
     monkeypatch.setattr(kvcal.record, "_last_parse", None)
     assert ws.run("--quiet").exit_code == 0
     # Read twice: an early check (before the model loads) and under the lock in the merge;

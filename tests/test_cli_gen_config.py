@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from models import K_PROJ, V_PROJ, tiny_decoder
 
 import kvcal
 from kvcal.cli import main
-from kvcal.config_json import read_config
 from kvcal.errors import ConfigError
-from models import K_PROJ, V_PROJ, tiny_decoder
+from kvcal.kv.config_json import read_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data" / "config"
@@ -93,8 +93,8 @@ def test_model_args_and_checkpoint_reach_the_model(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("cfg", sorted((ROOT / "configs").glob("*.cfg")), ids=lambda p: p.name)
 def test_sample_configs_run_against_the_demo_model(tmp_path: Path, cfg: Path) -> None:
+    from kvcal.kv.cfg import load_cfg
     from kvcal.model_loader import load_model
-    from kvcal.simple_cfg import load_cfg
 
     out = tmp_path / "config.json"
     result = run("--model", DEMO, "--cfg", str(cfg), "-o", str(out))

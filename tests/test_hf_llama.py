@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 
-from kvcal.calibrate import run_calibration
+from kvcal.calibration.runner import run_calibration
 from kvcal.cli import main
-from kvcal.plan import CalibrationPlan, HfmgParams, IfmrParams, LayerPlan
+from kvcal.kv.plan import CalibrationPlan, LayerPlan
+from kvcal.params import HfmgParams, IfmrParams
 from kvcal.quant import QParams, fake_quant, sqnr_db, to_channels
-from kvcal.record import read_record
+from kvcal.record.store import read_record
 
 LAYERS = 2
 HEADS = 4

@@ -30,7 +30,7 @@ from kvcal.observers.hfmg import (
     fold_histograms,
     search_clip_ranges,
 )
-from kvcal.plan import HfmgParams, IfmrParams, QuantSettings
+from kvcal.params import HfmgParams, IfmrParams, QuantSettings
 from kvcal.quant import minmax_qparams
 
 KINDS = ("normal", "uniform", "heavy", "positive", "negative", "shifted", "spiky", "tiny", "integers")

@@ -13,7 +13,7 @@ from reference_ifmr import ifmr_reference
 from kvcal.errors import CalibrationError, ConfigError
 from kvcal.observers import ifmr as ifmr_module
 from kvcal.observers.ifmr import IfmrObserver, candidate_ratios, percentile_rank
-from kvcal.plan import HfmgParams, IfmrParams, QuantSettings
+from kvcal.params import HfmgParams, IfmrParams, QuantSettings
 from kvcal.quant import QParams
 
 KINDS = ("normal", "uniform", "heavy", "relu", "negative", "integers", "outliers", "skewed")

@@ -127,9 +127,8 @@ def test_checkpoint_pt(tmp_path: Path) -> None:
 
 
 def test_checkpoint_safetensors(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
-
     from models import tiny_decoder
+    from safetensors.torch import save_file
 
     source = tiny_decoder(seed=2)
     path = tmp_path / "weights.safetensors"
@@ -278,7 +277,7 @@ class _Pickled:
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "pickled.pt"
     torch.save({"weight": _Pickled()}, path)
-    with pytest.raises(ModelLoadError, match="cannot be loaded safely"):
+    with pytest.raises(ModelLoadError, match="holds pickled Python objects other than tensors"):
         load_model(_factory_entry(), checkpoint=path)
 
 
@@ -292,7 +291,7 @@ def test_checkpoint_garbage_pt(tmp_path: Path) -> None:
 def test_checkpoint_garbage_safetensors(tmp_path: Path) -> None:
     path = tmp_path / "garbage.safetensors"
     path.write_bytes(b"\x00" * 3)
-    with pytest.raises(ModelLoadError, match="is not a valid .safetensors file"):
+    with pytest.raises(ModelLoadError, match="not a readable .safetensors file"):
         load_model(_factory_entry(), checkpoint=path)
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from kvcal.errors import CalibrationError
 from kvcal.observers.base import Observer
 from kvcal.observers.ifmr import IfmrObserver
-from kvcal.plan import IfmrParams, QuantSettings
+from kvcal.params import IfmrParams, QuantSettings
 from kvcal.quant import QParams
 
 

@@ -20,12 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcal.errors import RecordError
+from kvcal.output import change_offset_text, change_scale_text, describe_change
 from kvcal.quant import QParams
-from kvcal.record import (
-    LayerChange,
-    OverwriteReport,
+from kvcal.record.changes import LayerChange, OverwriteReport, compare_factors
+from kvcal.record.store import (
     ScaleOffsetRecord,
-    compare_factors,
     format_record,
     load_or_empty,
     merge_kv_cache,
@@ -418,12 +417,12 @@ def test_report_per_tensor_scale_and_offset_changed(tmp_path: Path) -> None:
     merge_kv_cache(target, {K0: qp([0.0318757], [-2]), V0: qp([0.5], [3]), K1: qp([0.25], [1])})
     report = merge_kv_cache(target, {K0: qp([0.0320012], [-3]), V0: qp([0.5], [4]), K1: qp([0.3], [1])})
     k0, v0, k1 = report.layers
-    assert k0.describe() == f"{K0}: scale 0.0318757 → 0.0320012, offset -2 → -3"
+    assert describe_change(k0) == f"{K0}: scale 0.0318757 → 0.0320012, offset -2 → -3"
     assert (k0.scale_changed, k0.offset_changed) == (True, True)
-    assert v0.describe() == f"{V0}: scale 0.5 unchanged, offset 3 → 4"
+    assert describe_change(v0) == f"{V0}: scale 0.5 unchanged, offset 3 → 4"
     assert (v0.scale_changed, v0.offset_changed) == (False, True)
-    assert k1.describe() == f"{K1}: scale 0.25 → 0.3, offset 1 unchanged"
-    assert k1.scale_text() == "0.25 → 0.3" and k1.offset_text() == "1"
+    assert describe_change(k1) == f"{K1}: scale 0.25 → 0.3, offset 1 unchanged"
+    assert change_scale_text(k1) == "0.25 → 0.3" and change_offset_text(k1) == "1"
     d = k0.to_dict()
     assert d["status"] == "changed"
     assert d["old_scale"] == [0.0318757] and d["new_scale"] == [0.0320012]
@@ -450,19 +449,19 @@ def test_report_per_channel_counts_and_largest_changes(tmp_path: Path) -> None:
     expected_abs = float(np.max(np.abs(new_scale[:12].astype(np.float64) - scale[:12])))
     assert delta.max_abs_scale_change == pytest.approx(expected_abs, rel=1e-12)
     assert delta.max_offset_change == 2
-    text = change.describe()
+    text = describe_change(change)
     assert text.startswith(f"{K0}: 13/64 channels changed, largest scale change 0.00012 (")
     assert text.endswith(", largest offset change 2")
-    assert change.scale_text().startswith("12/64 ch changed, largest 0.00012")
-    assert change.offset_text() == "2/64 ch changed, largest 2"
+    assert change_scale_text(change).startswith("12/64 ch changed, largest 0.00012")
+    assert change_offset_text(change) == "2/64 ch changed, largest 2"
 
     only_scale = new_scale.copy()
     only_scale[0] *= 2
     report = merge_kv_cache(target, {K0: QParams(torch.from_numpy(only_scale), torch.from_numpy(new_offset))})
-    assert report.layers[0].describe().endswith("1/64 channels changed, largest scale change " + (
+    assert describe_change(report.layers[0]).endswith("1/64 channels changed, largest scale change " + (
         f"{float(only_scale[0]) - float(new_scale[0]):.3g} (100.00%), offsets unchanged"
     ))
-    assert report.layers[0].offset_text() == "64 ch, unchanged"
+    assert change_offset_text(report.layers[0]) == "64 ch, unchanged"
 
 
 def test_report_channel_count_change(tmp_path: Path) -> None:
@@ -471,8 +470,8 @@ def test_report_channel_count_change(tmp_path: Path) -> None:
     report = merge_kv_cache(target, {K0: qp([0.25, 0.5, 0.75, 1.0], [0, 1, 2, 3])})
     (change,) = report.layers
     assert change.status == "changed"
-    assert change.describe() == f"{K0}: channels 1 → 4, scale 0.0318757 → 0.25 … 1.0, offset -2 → 0 … 3"
-    assert change.scale_text() == "1 ch: 0.0318757 → 4 ch: 0.25 … 1.0"
+    assert describe_change(change) == f"{K0}: channels 1 → 4, scale 0.0318757 → 0.25 … 1.0, offset -2 → 0 … 3"
+    assert change_scale_text(change) == "1 ch: 0.0318757 → 4 ch: 0.25 … 1.0"
     d = change.to_dict()
     assert (d["old_channels"], d["channels"]) == (1, 4)
     assert d["channels_changed"] is None and d["largest_scale_change"] is None
@@ -483,10 +482,10 @@ def test_report_channel_count_change(tmp_path: Path) -> None:
 def test_report_new_and_unchanged_lines_and_json(tmp_path: Path) -> None:
     target = tmp_path / "record.txt"
     first = merge_kv_cache(target, {K0: qp([0.5], [1]), V0: qp([0.25, 0.5], [0, 1])})
-    assert first.layers[0].describe() == f"{K0}: new, scale 0.5, offset 1"
-    assert first.layers[1].describe() == f"{V0}: new, 2 channels, scale 0.25 … 0.5, offset 0 … 1"
+    assert describe_change(first.layers[0]) == f"{K0}: new, scale 0.5, offset 1"
+    assert describe_change(first.layers[1]) == f"{V0}: new, 2 channels, scale 0.25 … 0.5, offset 0 … 1"
     second = merge_kv_cache(target, {K0: qp([0.5], [1])})
-    assert second.layers[0].describe() == f"{K0}: unchanged"
+    assert describe_change(second.layers[0]) == f"{K0}: unchanged"
     assert second.counts() == {"new": 0, "changed": 0, "unchanged": 1}
     payload = json.loads(json.dumps(second.to_dict(), allow_nan=False))
     assert payload == {
@@ -586,7 +585,7 @@ import sys, time
 from pathlib import Path
 import torch
 from kvcal.quant import QParams
-from kvcal.record import merge_kv_cache
+from kvcal.record.store import merge_kv_cache
 
 record, tag, ready, go = sys.argv[1:5]
 Path(ready).touch()

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvcal.errors import RecordError
-from kvcal.record import parse_record, read_record
-from kvcal.record_inspect import (
+from kvcal.record.inspect import (
     EntrySummary,
     RecordDetail,
     RecordDiff,
@@ -19,6 +18,7 @@ from kvcal.record_inspect import (
     layer_detail,
     summarize_record,
 )
+from kvcal.record.store import parse_record, read_record
 
 DATA = Path(__file__).parent / "data" / "records"
 FULL = DATA / "amct_full.txt"

@@ -22,9 +22,9 @@ from kvcal.errors import (
 __version__ = "0.1.0"
 
 _LAZY = {
-    "QuantCalibrationOp": "kvcal.ops",
-    "create_quant_cali_model": "kvcal.calibrate",
-    "create_quant_cali_config": "kvcal.gen_config",
+    "QuantCalibrationOp": "kvcal.kv.ops",
+    "create_quant_cali_model": "kvcal.kv.api",
+    "create_quant_cali_config": "kvcal.kv.api",
 }
 
 __all__ = [

@@ -137,7 +137,7 @@ def gen_config_command(
     """
     if (cfg is None) == (not quant_layers):
         raise click.UsageError("give exactly one of --cfg and --quant-layers")
-    from kvcal.gen_config import generate_config, split_layer_names
+    from kvcal.kv.api import generate_config, split_layer_names
     from kvcal.model_loader import load_model
     from kvcal.output import render_gen_config
 
@@ -217,7 +217,7 @@ def calibrate_command(
       kvcal calibrate --model scripts/demo_model.py:build --config config.json \\
           --dataset demo_out/data --record record.txt --report report.json
     """
-    from kvcal.calibrate import calibrate_from_files
+    from kvcal.calibration.job import calibrate_from_files
     from kvcal.output import (
         calibration_progress,
         library_warnings,
@@ -278,7 +278,7 @@ def inspect_record_command(record: str, layers: tuple[str, ...], as_json: bool, 
     import json
 
     from kvcal.output import render_inspection
-    from kvcal.record_inspect import inspect_record
+    from kvcal.record.inspect import inspect_record
 
     result = inspect_record(record, layers=layers, diff=other)
     if as_json:

@@ -9,18 +9,19 @@ the ones the calibration needs are never opened.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import logging
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from kvcal.errors import DatasetError
+from kvcal.messages import first_line
+from kvcal.tensor_io import OPEN_ERRORS, TensorFileError, load_safetensors, load_torch
 
 __all__ = ["SUPPORTED_EXTENSIONS", "Batch", "Dataset", "open_dataset", "load_batch"]
 
@@ -30,10 +31,6 @@ _NPZ_POSITIONAL_PREFIX = "arr_"
 
 # Skipped files are logged (the CLI prints kvcal's log warnings) and listed in Dataset.skipped.
 logger = logging.getLogger(__name__)
-
-# Failures to open a file at all; any other error while loading means a malformed file
-# (torch reports some truncated archives as a bare OSError, for one).
-_IO_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 @dataclass(frozen=True)
@@ -137,25 +134,12 @@ def load_batch(path: str | Path, device: torch.device | str = "cpu") -> Batch:
         raise DatasetError(f"{path}: cannot read data file: {exc.strerror or exc}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _load_torch(path: Path) -> Any:
     try:
-        # weights_only=True: the restricted unpickler, which refuses to build arbitrary objects.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except _IO_ERRORS:
-        raise
-    except Exception as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise DatasetError(
-                f"{path}: holds pickled Python objects other than tensors, which are not loaded "
-                f"(torch.load weights_only=True refused: {_first_line(exc)}); save plain tensors, "
-                "lists/tuples or dicts of tensors"
-            ) from exc
-        raise DatasetError(f"{path}: not a readable torch file (truncated or malformed?): {_first_line(exc)}") from exc
+        return load_torch(path)
+    except TensorFileError as exc:
+        hint = "; save plain tensors, lists/tuples or dicts of tensors" if "pickled" in str(exc) else ""
+        raise DatasetError(f"{path}: {exc}{hint}") from exc
 
 
 def _numpy_to_tensor(path: Path, name: str, array: np.ndarray) -> Tensor:
@@ -172,7 +156,7 @@ def _numpy_to_tensor(path: Path, name: str, array: np.ndarray) -> Tensor:
 def _numpy_error(path: Path, kind: str, exc: Exception) -> DatasetError:
     if "allow_pickle" in str(exc):
         return DatasetError(f"{path}: holds pickled Python objects, which are not loaded (allow_pickle=False)")
-    return DatasetError(f"{path}: not a readable {kind} file (truncated or malformed?): {_first_line(exc)}")
+    return DatasetError(f"{path}: not a readable {kind} file (truncated or malformed?): {first_line(exc)}")
 
 
 def _load_npy(path: Path) -> Tensor:
@@ -180,7 +164,7 @@ def _load_npy(path: Path) -> Tensor:
     with open(path, "rb") as handle:
         try:
             array = np.load(handle, allow_pickle=False)
-        except _IO_ERRORS:
+        except OPEN_ERRORS:
             raise
         except Exception as exc:
             raise _numpy_error(path, ".npy", exc) from exc
@@ -200,7 +184,7 @@ def _load_npz(path: Path) -> tuple[Tensor, ...] | dict[str, Tensor]:
             with loaded as archive:
                 # Members are read (and CRC-checked) here, so truncation surfaces now.
                 named = {name: _numpy_to_tensor(path, repr(name), archive[name]) for name in archive.files}
-        except (DatasetError, *_IO_ERRORS):
+        except (DatasetError, *OPEN_ERRORS):
             raise
         except Exception as exc:
             raise _numpy_error(path, ".npz", exc) from exc
@@ -213,19 +197,9 @@ def _load_npz(path: Path) -> tuple[Tensor, ...] | dict[str, Tensor]:
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
     try:
-        from safetensors.torch import load_file
-    except ImportError as exc:
-        raise DatasetError(
-            f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)"
-        ) from exc
-    try:
-        return dict(load_file(str(path), device="cpu"))
-    except _IO_ERRORS:
-        raise
-    except Exception as exc:
-        raise DatasetError(
-            f"{path}: not a readable .safetensors file (truncated or malformed?): {_first_line(exc)}"
-        ) from exc
+        return load_safetensors(path)
+    except TensorFileError as exc:
+        raise DatasetError(f"{path}: {exc}") from exc
 
 
 def _move(path: Path, value: Any, device: torch.device, where: str) -> Any:

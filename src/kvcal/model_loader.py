@@ -6,13 +6,11 @@ the entry point (and the checkpoint when that is what failed).
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import itertools
 import json
 import os
-import pickle
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +22,8 @@ import torch
 from torch import nn
 
 from kvcal.errors import ModelLoadError
+from kvcal.messages import describe, did_you_mean
+from kvcal.tensor_io import TensorFileError, load_safetensors, load_torch
 
 __all__ = ["load_model", "parse_model_args"]
 
@@ -152,7 +152,7 @@ def _import_file(target: str, entry: str) -> ModuleType:
         if not isinstance(exc, (Exception, SystemExit)):
             raise
         raise ModelLoadError(
-            f"model entry point {entry!r}: importing {target!r} failed: {_describe(exc)}"
+            f"model entry point {entry!r}: importing {target!r} failed: {describe(exc)}"
         ) from exc
     return module
 
@@ -167,7 +167,7 @@ def _import_module(target: str, entry: str) -> ModuleType:
         if missing and (target == missing or target.startswith(missing + ".")):
             reason = f"no module named {missing!r}"
         else:
-            reason = _describe(exc)
+            reason = describe(exc)
         raise ModelLoadError(f"model entry point {entry!r}: cannot import {target!r}: {reason}") from exc
 
 
@@ -178,13 +178,11 @@ def _resolve(module: ModuleType, attr: str, target: str, entry: str) -> Any:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, names, n=3)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(part, [n for n in dir(obj) if not n.startswith("_")])
             raise ModelLoadError(f"model entry point {entry!r}: {owner!r} has no attribute {part!r}{hint}") from None
         except Exception as exc:
             raise ModelLoadError(
-                f"model entry point {entry!r}: reading {part!r} of {owner!r} failed: {_describe(exc)}"
+                f"model entry point {entry!r}: reading {part!r} of {owner!r} failed: {describe(exc)}"
             ) from exc
         owner = f"{owner}.{part}" if owner != target else f"{target}:{part}"
     return obj
@@ -205,17 +203,12 @@ def _build(obj: Any, model_args: Sequence[str], entry: str) -> nn.Module:
     try:
         result = obj(*positional, **keywords)
     except (Exception, SystemExit) as exc:
-        raise ModelLoadError(f"model entry point {entry!r} raised {_describe(exc)}") from exc
+        raise ModelLoadError(f"model entry point {entry!r} raised {describe(exc)}") from exc
     if not isinstance(result, nn.Module):
         raise ModelLoadError(
             f"model entry point {entry!r} returned a {type(result).__name__}, not a torch.nn.Module"
         )
     return result
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _load_checkpoint(model: nn.Module, path: str, entry: str) -> None:
@@ -239,27 +232,13 @@ def _load_checkpoint(model: nn.Module, path: str, entry: str) -> None:
 
 
 def _read_state_dict(path: str) -> Any:
-    if path.lower().endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ModelLoadError(
-                f"checkpoint {path!r}: reading .safetensors needs the safetensors package "
-                "(pip install 'kvcal[safetensors]')"
-            ) from None
-        try:
-            return load_file(path, device="cpu")
-        except Exception as exc:
-            raise ModelLoadError(f"checkpoint {path!r} is not a valid .safetensors file: {_describe(exc)}") from None
+    reader = load_safetensors if path.lower().endswith(".safetensors") else load_torch
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"checkpoint {path!r} cannot be loaded safely (weights_only=True refused it): {first_line}"
-        ) from None
-    except Exception as exc:
-        raise ModelLoadError(f"checkpoint {path!r} cannot be read: {_describe(exc)}") from None
+        return reader(path)
+    except TensorFileError as exc:
+        raise ModelLoadError(f"checkpoint {path!r}: {exc}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"checkpoint {path!r} cannot be read: {describe(exc)}") from None
 
 
 def _mismatch_summary(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:

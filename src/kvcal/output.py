@@ -13,14 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from kvcal.floats import f32_text
+
 if TYPE_CHECKING:  # the record modules are imported on use, keeping `import kvcal.output` light
     from collections.abc import Sequence
 
     from rich.table import Table
     from rich.text import Text
 
-    from kvcal.record import OverwriteReport
-    from kvcal.record_inspect import RecordDetail, RecordDiff, RecordSummary
+    from kvcal.record.changes import LayerChange, OverwriteReport
+    from kvcal.record.inspect import RecordDetail, RecordDiff, RecordSummary
 
 __all__ = [
     "err_console",
@@ -28,6 +30,9 @@ __all__ = [
     "print_warning",
     "render_gen_config",
     "render_overwrite_report",
+    "describe_change",
+    "change_scale_text",
+    "change_offset_text",
     "render_inspection",
     "library_warnings",
     "calibration_progress",
@@ -59,10 +64,10 @@ def render_gen_config(plan: Any, output: str) -> None:
     """The table of configured layers and their settings, then where the JSON went.
 
     Args:
-        plan: the `kvcal.plan.CalibrationPlan` that was written.
+        plan: the `kvcal.kv.plan.CalibrationPlan` that was written.
         output: the JSON config path.
     """
-    from kvcal.plan import HfmgParams
+    from kvcal.params import HfmgParams
 
     offset = "true" if plan.activation_offset else "false"
     rows = []
@@ -80,8 +85,9 @@ def render_gen_config(plan: Any, output: str) -> None:
             asymmetric = f"{'yes' if plan.activation_offset else 'no'} (global)"
         else:
             asymmetric = "yes" if layer.asymmetric else "no"
-        granularity = "per_channel" if layer.granularity == 1 else "per_tensor"
-        rows.append([_cell(layer.name), _cell(params.algo), _cell(granularity), _cell(asymmetric), _cell(detail)])
+        rows.append(
+            [_cell(layer.name), _cell(params.algo), _cell(layer.granularity.label), _cell(asymmetric), _cell(detail)]
+        )
     title = f"{len(plan.layers)} layer(s), batch_num {plan.batch_num}, activation_offset {offset}"
     columns = ("Layer", "Algorithm", "Granularity", "Asymmetric", "Parameters")
     _print_table(_table(title, f"wrote {output}", columns, rows))
@@ -141,8 +147,6 @@ def _cell(text: object, style: str = "") -> Text:
 
 
 def _num(value: object) -> str:
-    from kvcal.record import f32_text
-
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -168,13 +172,102 @@ def render_overwrite_report(report: OverwriteReport) -> None:
         (
             _cell(change.layer),
             _cell(change.status, _STATUS_STYLE.get(change.status, "")),
-            _cell(change.scale_text()),
-            _cell(change.offset_text()),
+            _cell(change_scale_text(change)),
+            _cell(change_offset_text(change)),
         )
         for change in report.layers
     ]
     columns = ("Layer", "Status", "Scale", "Offset")
     _print_table(_table(f"Record {report.record}", "\n".join(lines), columns, rows))
+
+
+# --- overwrite report text ---
+
+
+def _values_text(values: Sequence[float] | Sequence[int], *, floats: bool) -> str:
+    """One value as itself, several as `min … max`, none as `-`."""
+    if not values:
+        return "-"
+    fmt = f32_text if floats else str
+    lo, hi = min(values), max(values)
+    if lo == hi:
+        return fmt(lo)  # type: ignore[arg-type]
+    return f"{fmt(lo)} … {fmt(hi)}"  # type: ignore[arg-type]
+
+
+def _pct(rel: float | None) -> str:
+    return f" ({rel:.2%})" if rel is not None else ""
+
+
+def change_scale_text(change: LayerChange) -> str:
+    """The scale column: `old → new`, a per-channel summary, or the value."""
+    return _change_column(change, change.old_scale, change.new_scale, floats=True)
+
+
+def change_offset_text(change: LayerChange) -> str:
+    """The offset column: `old → new`, a per-channel summary, or the value."""
+    return _change_column(change, change.old_offset, change.new_offset, floats=False)
+
+
+def _change_column(
+    change: LayerChange,
+    old: Sequence[float] | Sequence[int] | None,
+    new: Sequence[float] | Sequence[int],
+    *,
+    floats: bool,
+) -> str:
+    new_text = _values_text(new, floats=floats)
+    d = change.delta
+    if old is None or d is None:
+        return new_text if len(new) == 1 else f"{len(new)} ch: {new_text}"
+    old_text = _values_text(old, floats=floats)
+    if d.channel_count_changed:
+        return f"{len(old)} ch: {old_text} → {len(new)} ch: {new_text}"
+    changed = d.scale_changed if floats else d.offset_changed
+    if len(new) == 1:
+        return f"{old_text} → {new_text}" if changed else new_text
+    if not changed:
+        return f"{len(new)} ch, unchanged"
+    if floats:
+        return (
+            f"{d.scale_channels_changed}/{len(new)} ch changed, "
+            f"largest {d.max_abs_scale_change:.3g}{_pct(d.max_rel_scale_change)}"
+        )
+    return f"{d.offset_channels_changed}/{len(new)} ch changed, largest {d.max_offset_change}"
+
+
+def describe_change(change: LayerChange) -> str:
+    """One plain-text line: `layer: scale a → b, offset c → d`, `layer: unchanged`, ..."""
+    d = change.delta
+    if change.status == "new" or d is None:
+        if change.channels == 1:
+            return f"{change.layer}: new, scale {f32_text(change.new_scale[0])}, offset {change.new_offset[0]}"
+        return (
+            f"{change.layer}: new, {change.channels} channels, "
+            f"scale {_values_text(change.new_scale, floats=True)}, "
+            f"offset {_values_text(change.new_offset, floats=False)}"
+        )
+    if change.status == "unchanged":
+        return f"{change.layer}: unchanged"
+    if d.channel_count_changed:
+        old_scale = _values_text(change.old_scale or (), floats=True)
+        old_offset = _values_text(change.old_offset or (), floats=False)
+        return (
+            f"{change.layer}: channels {d.channels_old} → {d.channels_new}, "
+            f"scale {old_scale} → {_values_text(change.new_scale, floats=True)}, "
+            f"offset {old_offset} → {_values_text(change.new_offset, floats=False)}"
+        )
+    if d.channels_new == 1:
+        scale = f"scale {change_scale_text(change)}" + ("" if d.scale_changed else " unchanged")
+        offset = f"offset {change_offset_text(change)}" + ("" if d.offset_changed else " unchanged")
+        return f"{change.layer}: {scale}, {offset}"
+    scale = (
+        f"largest scale change {d.max_abs_scale_change:.3g}{_pct(d.max_rel_scale_change)}"
+        if d.scale_changed
+        else "scales unchanged"
+    )
+    offset = f"largest offset change {d.max_offset_change}" if d.offset_changed else "offsets unchanged"
+    return f"{change.layer}: {d.channels_changed}/{d.channels_new} channels changed, {scale}, {offset}"
 
 
 def _num_range(lo: object, hi: object) -> str:
@@ -249,8 +342,8 @@ def _render_diff(diff: RecordDiff) -> None:
 
 
 def render_inspection(result: RecordSummary | RecordDetail | RecordDiff) -> None:
-    """Render what `kvcal.record_inspect.inspect_record` returned, as tables on stderr."""
-    from kvcal.record_inspect import RecordDetail, RecordDiff, RecordSummary
+    """Render what `kvcal.record.inspect.inspect_record` returned, as tables on stderr."""
+    from kvcal.record.inspect import RecordDetail, RecordDiff, RecordSummary
 
     if isinstance(result, RecordSummary):
         _render_summary(result)
@@ -300,7 +393,14 @@ def calibration_progress(*, enabled: bool = True) -> Iterator[Callable[[int, int
     if not enabled:
         yield lambda done, total: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(
         TextColumn("calibrating"),
@@ -322,8 +422,8 @@ def calibration_progress(*, enabled: bool = True) -> Iterator[Callable[[int, int
 
 
 def render_calibration_summary(result: Any) -> None:
-    """The per-layer table of a `kvcal.calibrate.CalibrationResult`, on stderr."""
-    from kvcal.calibrate import SQNR_BASIS
+    """The per-layer table of a `kvcal.calibration.summary.CalibrationResult`, on stderr."""
+    from kvcal.calibration.summary import SQNR_BASIS
 
     columns = ("Layer", "Algorithm", "Granularity", "Channels", "Scale", "Offset", "SQNR dB")
     rows = []
@@ -333,7 +433,7 @@ def render_calibration_summary(result: Any) -> None:
             [
                 _cell(layer.name),
                 _cell(f"{layer.algorithm} ({'asym' if layer.asymmetric else 'sym'})"),
-                _cell(layer.granularity),
+                _cell(layer.granularity.label),
                 _cell(layer.channels),
                 _cell(_num_range(layer.scale_min, layer.scale_max)),
                 _cell(_num_range(layer.offset_min, layer.offset_max)),

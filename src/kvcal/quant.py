@@ -4,20 +4,63 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "EPS",
+    "Granularity",
     "QParams",
     "to_channels",
     "minmax_qparams",
     "fake_quant",
     "sqnr_db",
+    "clipped_fraction",
 ]
 
 EPS = 1.192092896e-7  # FLT_EPSILON
+
+
+class Granularity(IntEnum):
+    """One (scale, offset) for the whole tensor, or one per channel (an IntEnum: JSON keeps 0/1).
+
+    PER_TENSOR: any input shape -> scale shape [1];
+    PER_CHANNEL: input [..., C] (channels last) -> scale shape [C].
+    """
+
+    PER_TENSOR = 0
+    PER_CHANNEL = 1
+
+    @property
+    def label(self) -> str:
+        """The config spelling: `per_tensor` or `per_channel`."""
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: Any) -> Granularity:
+        """Accept 0, 1, "0", "1", "per_tensor", "per_channel" (or a Granularity).
+
+        Raises:
+            TypeError: neither an int nor a str (bool is not accepted as an int).
+            ValueError: any other int or str.
+        """
+        accepted = "accepted: 0, 1, '0', '1', 'per_tensor', 'per_channel'"
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value in (0, 1):
+                return cls(int(value))
+            raise ValueError(f"quant_granularity must be 0 or 1, got {value!r}; {accepted}")
+        if isinstance(value, str):
+            text = value.strip()
+            for member in cls:
+                if text in (str(int(member)), member.label):
+                    return member
+            raise ValueError(f"quant_granularity {value!r} is not valid; {accepted}")
+        raise TypeError(
+            f"quant_granularity must be an int or str, got {value!r} ({type(value).__name__}); {accepted}"
+        )
 
 
 @dataclass(frozen=True)
@@ -35,13 +78,13 @@ class QParams:
         return int(self.scale.numel())
 
 
-def to_channels(x: Tensor, granularity: int) -> Tensor:
-    """View an activation as [channels, values].
+def to_channels(x: Tensor, granularity: Granularity) -> Tensor:
+    """View an activation whose channels are last as [channels, values].
 
-    per-tensor (0): any shape -> [1, numel]; per-channel (1): [..., C] -> [C, numel / C]
+    PER_TENSOR: any shape -> [1, numel]; PER_CHANNEL: [..., C] -> [C, numel / C]
     (a transposed view, no copy).
     """
-    if granularity == 0:
+    if granularity == Granularity.PER_TENSOR:
         return x.reshape(1, -1)
     if x.dim() == 0:
         raise ValueError("per-channel calibration needs at least one dimension, got a 0-d tensor")
@@ -97,3 +140,21 @@ def sqnr_db(x: Tensor, x_hat: Tensor) -> float:
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def clipped_fraction(x: Tensor, qparams: QParams, num_bits: int = 8) -> float:
+    """Fraction of the values of `x` [C, N] outside the range the factors represent.
+
+    Channel c represents `[(qmin - offset_c) * scale_c, (qmax - offset_c) * scale_c]`;
+    a value outside it is clipped by quantization (a value that merely rounds to the
+    edge is not counted).
+    """
+    if x.numel() == 0:
+        return 0.0
+    scale = qparams.scale.to(device=x.device, dtype=torch.float32).reshape(-1, 1)
+    offset = qparams.offset.to(device=x.device, dtype=torch.float32).reshape(-1, 1)
+    qmin, qmax = -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+    x = x.to(torch.float32)
+    # Clipped exactly when the rounded code falls outside [qmin, qmax], as fake_quant clamps.
+    codes = torch.round(x / scale) + offset
+    return float(((codes < qmin) | (codes > qmax)).sum().item()) / x.numel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kvcal.observers.base import Observer
 from kvcal.observers.hfmg import HfmgObserver
 from kvcal.observers.ifmr import IfmrObserver
-from kvcal.plan import HfmgParams, QuantSettings
+from kvcal.params import HfmgParams, QuantSettings
 
 __all__ = ["Observer", "IfmrObserver", "HfmgObserver", "make_observer"]
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from kvcal.errors import CalibrationError
-from kvcal.plan import QuantSettings
+from kvcal.params import QuantSettings
 from kvcal.quant import QParams, to_channels
 
 __all__ = ["Observer"]

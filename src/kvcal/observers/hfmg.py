@@ -28,7 +28,7 @@ from torch import Tensor
 
 from kvcal.errors import CalibrationError
 from kvcal.observers.base import Observer
-from kvcal.plan import HfmgParams, QuantSettings
+from kvcal.params import HfmgParams, QuantSettings
 from kvcal.quant import EPS, QParams, minmax_qparams
 
 __all__ = [

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from kvcal.observers.base import Observer
-from kvcal.plan import IfmrParams, QuantSettings
+from kvcal.params import IfmrParams, QuantSettings
 from kvcal.quant import EPS, QParams
 
 __all__ = ["IfmrObserver", "candidate_ratios", "percentile_rank"]

@@ -8,11 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from models import K_PROJ, V_PROJ, tiny_decoder
 
 from kvcal.errors import ConfigError
-from kvcal.plan import HfmgParams, IfmrParams, LayerPlan
-from kvcal.simple_cfg import float32_value, load_cfg, plan_from_layers
-from models import K_PROJ, V_PROJ, tiny_decoder
+from kvcal.floats import f32_value as float32_value
+from kvcal.kv.cfg import load_cfg, plan_from_layers
+from kvcal.kv.plan import LayerPlan
+from kvcal.params import HfmgParams, IfmrParams
+from kvcal.quant import Granularity
 
 DATA = Path(__file__).parent / "data" / "config"
 
@@ -31,7 +34,7 @@ def test_formats_example_plan() -> None:
         LayerPlan(K_PROJ, HfmgParams(4096), granularity=0, asymmetric=None),
         LayerPlan(V_PROJ, IfmrParams(search_step=0.02), granularity=1, asymmetric=None),
     )
-    assert type(plan.layers[1].granularity) is int
+    assert type(plan.layers[1].granularity) is Granularity
 
 
 def test_custom_plan_override_wins_and_override_only_layers_are_appended() -> None:

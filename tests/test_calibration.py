@@ -11,18 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from kvcal import create_quant_cali_model
-from kvcal.calibrate import (
-    attach_observers,
-    get_quant_cali_hooks,
-    remove_quant_cali_hooks,
-    run_calibration,
-)
-from kvcal.config_json import write_config
+from kvcal.calibration.runner import attach_observers, run_calibration
 from kvcal.errors import CalibrationError, ConfigError, DatasetError, RecordError
+from kvcal.kv.api import get_quant_cali_hooks, remove_quant_cali_hooks
+from kvcal.kv.config_json import write_config
+from kvcal.kv.plan import CalibrationPlan, LayerPlan
 from kvcal.observers import make_observer
-from kvcal.plan import CalibrationPlan, HfmgParams, IfmrParams, LayerPlan
+from kvcal.params import HfmgParams, IfmrParams
 from kvcal.quant import QParams, fake_quant, sqnr_db, to_channels
-from kvcal.record import read_record
+from kvcal.record.store import read_record
 
 VOCAB = 32
 FOREIGN_RECORD = 'record {\n  key: "lm_head"\n  value {\n    scale_d: 0.25\n    offset_d: -3\n  }\n}\n'
@@ -137,7 +134,7 @@ def test_hooks_leave_outputs_bit_identical_and_detach() -> None:
         with attach_observers(model, plan) as hooks:
             assert all_hooks(model) == 4
             during = model(x)
-            assert hooks.complete
+            assert hooks.feed.complete
         after = model(x)
     assert all_hooks(model) == 0
     assert torch.equal(before, during) and torch.equal(before, after)
@@ -200,7 +197,7 @@ def test_create_quant_cali_model_writes_each_layer_at_batch_num(tmp_path: Path) 
         cali(batches[2])  # past batch_num: nothing changes
     assert record.read_bytes() == written
     hooks = get_quant_cali_hooks(model)
-    assert hooks is not None and hooks.complete
+    assert hooks is not None and hooks.feed.complete
     # A second call replaces the observers instead of stacking hooks.
     create_quant_cali_model(config, record, model)
     assert all_hooks(model) == 4

@@ -9,15 +9,17 @@ occurs twice, its last entry of that kind counts (as for a reader building a dic
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from kvcal.errors import RecordError
+from kvcal.floats import f32_json
+from kvcal.messages import close_matches
 from kvcal.proto.scale_offset_record_pb2 import MapFiledEntry, ScaleOffsetRecord
-from kvcal.record import FactorDelta, compare_factors, f32_json, read_record
+from kvcal.record.changes import FactorDelta, compare_factors
+from kvcal.record.store import read_record
 
 __all__ = [
     "Kind",
@@ -224,12 +226,12 @@ def _unknown_layers_error(unknown: Sequence[str], known: Sequence[str], source: 
     where = f"record {source}" if source else "the record"
     parts = []
     for name in unknown:
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        close = close_matches(name, known)
         hint = f" (close names: {', '.join(close)})" if close else ""
         parts.append(f"{name!r}{hint}")
     if not known:
         tail = f"; {where} has no layers"
-    elif not any(difflib.get_close_matches(name, known, n=1, cutoff=0.6) for name in unknown):
+    elif not any(close_matches(name, known, n=1) for name in unknown):
         shown = ", ".join(known[:5]) + (", ..." if len(known) > 5 else "")
         tail = f"; it has {len(known)} layers: {shown}"
     else:

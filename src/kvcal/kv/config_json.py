@@ -17,32 +17,19 @@ from torch import nn
 
 from kvcal.atomic import atomic_write
 from kvcal.errors import ConfigError
-from kvcal.plan import (
-    AlgoParams,
-    CalibrationPlan,
-    HfmgParams,
-    IfmrParams,
-    LayerPlan,
-    check_batch_num,
-    check_layers_in_model,
-    parse_granularity,
-)
-from kvcal.simple_cfg import float32_value
+from kvcal.floats import f32_value
+from kvcal.kv.plan import CalibrationPlan, LayerPlan, check_layers_in_model
+from kvcal.params import ALGO_KEYS, algo_params, check_act_algo, check_batch_num
+from kvcal.quant import Granularity
+from kvcal.textproto import read_text
 
 __all__ = ["plan_to_json", "write_config", "read_config", "GLOBAL_KEYS", "LAYER_KEY"]
 
 GLOBAL_KEYS = ("batch_num", "activation_offset")
 LAYER_KEY = "kv_data_quant_config"
-_IFMR_KEYS = (
-    "act_algo",
-    "max_percentile",
-    "min_percentile",
-    "search_range",
-    "search_step",
-    "asymmetric",
-    "quant_granularity",
-)
-_HFMG_KEYS = ("act_algo", "num_of_bins", "asymmetric", "quant_granularity")
+# The keys of a layer entry around the algorithm's own (params.ALGO_KEYS), in written order.
+_LEADING_KEYS = ("act_algo",)
+_TRAILING_KEYS = ("asymmetric", "quant_granularity")
 
 
 def plan_to_json(plan: CalibrationPlan) -> str:
@@ -57,21 +44,22 @@ def plan_to_json(plan: CalibrationPlan) -> str:
 
 def _layer_entry(layer: LayerPlan) -> dict[str, Any]:
     params = layer.params
-    entry: dict[str, Any]
-    if isinstance(params, HfmgParams):
-        entry = {"act_algo": "hfmg", "num_of_bins": params.num_of_bins}
-    else:
-        entry = {
-            "act_algo": "ifmr",
-            "max_percentile": float32_value(params.max_percentile),
-            "min_percentile": float32_value(params.min_percentile),
-            "search_range": [float32_value(params.search_range[0]), float32_value(params.search_range[1])],
-            "search_step": float32_value(params.search_step),
-        }
+    entry: dict[str, Any] = {"act_algo": params.algo}
+    for key in ALGO_KEYS[params.algo]:
+        entry[key] = _json_value(getattr(params, key))
     if layer.asymmetric is not None:
         entry["asymmetric"] = layer.asymmetric
     entry["quant_granularity"] = int(layer.granularity)
     return entry
+
+
+def _json_value(value: Any) -> Any:
+    """Floats as their shortest float32 decimal (they are float32 fields in the .cfg schema)."""
+    if isinstance(value, float):
+        return f32_value(value)
+    if isinstance(value, tuple):
+        return [_json_value(item) for item in value]
+    return value
 
 
 def write_config(plan: CalibrationPlan, path: str | os.PathLike[str]) -> None:
@@ -125,13 +113,7 @@ def read_config(path: str | os.PathLike[str], model: nn.Module | None = None) ->
         ConfigError: naming the file and the key or layer at fault.
     """
     source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8") as handle:
-            text = handle.read()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {source}: {exc.strerror or exc}") from None
+    text = read_text(source, error=ConfigError, what="config")
     try:
         document = json.loads(text, object_pairs_hook=_pairs_without_duplicates, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
@@ -186,31 +168,16 @@ def _layer_from_entry(source: str, name: str, entry: Any) -> LayerPlan:
     where = f"{where}: {LAYER_KEY}"
     if not isinstance(config, dict):
         raise ConfigError(f"{where} must be an object, got {json.dumps(config)}")
-    algo = config.get("act_algo", "ifmr")
-    if not isinstance(algo, str) or algo not in ("ifmr", "hfmg"):
-        raise ConfigError(f"{where}: act_algo must be 'ifmr' or 'hfmg', got {algo!r}")
-    accepted = _IFMR_KEYS if algo == "ifmr" else _HFMG_KEYS
-    other = _HFMG_KEYS if algo == "ifmr" else _IFMR_KEYS
-    for key in config:
-        if key not in accepted:
-            kind = f"a key of the other algorithm, not of act_algo {algo!r}" if key in other else "unknown key"
-            raise ConfigError(f"{where}: {kind} {key!r}; accepted keys for {algo}: {', '.join(accepted)}")
-    params: AlgoParams
-    try:
-        if algo == "hfmg":
-            params = HfmgParams(**{k: config[k] for k in ("num_of_bins",) if k in config})
-        else:
-            search_range = config.get("search_range", [])
-            if not isinstance(search_range, list):
-                raise TypeError(f"search_range must be a list of two numbers [start, end], got {search_range!r}")
-            params = IfmrParams(**{k: config[k] for k in _IFMR_KEYS[1:5] if k in config})
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    algo = _checked(where, check_act_algo, config.get("act_algo", "ifmr"))
+    search_range = config.get("search_range", [])
+    if not isinstance(search_range, list):
+        raise ConfigError(f"{where}: search_range must be a list of two numbers [start, end], got {search_range!r}")
+    params = _checked(where, lambda c: algo_params(algo, c, common_keys=_LEADING_KEYS + _TRAILING_KEYS), config)
     granularity = config.get("quant_granularity", 0)
     # The writer always writes the integer; strings and bools are a wrong type here.
     if isinstance(granularity, bool) or not isinstance(granularity, int):
         raise ConfigError(f"{where}: quant_granularity must be the integer 0 or 1, got {granularity!r}")
-    granularity = _checked(where, parse_granularity, granularity)
+    granularity = _checked(where, Granularity.parse, granularity)
     asymmetric = config.get("asymmetric")
     if "asymmetric" in config and not isinstance(asymmetric, bool):
         raise ConfigError(f"{where}: asymmetric must be true or false, got {asymmetric!r}")

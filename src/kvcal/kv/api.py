@@ -1,19 +1,32 @@
-"""Build the per-layer JSON config of a model: `kvcal gen-config` and `create_quant_cali_config`."""
+"""The KV-cache front doors: `kvcal gen-config`, and AMCT's `create_quant_cali_config` and
+`create_quant_cali_model`."""
 
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
-from kvcal.config_json import write_config
+from kvcal.calibration.runner import attach_observers
+from kvcal.calibration.taps import ActiveTap, Tap
 from kvcal.errors import ConfigError
-from kvcal.plan import CalibrationPlan
-from kvcal.simple_cfg import load_cfg, plan_from_layers
+from kvcal.kv.cfg import load_cfg, plan_from_layers
+from kvcal.kv.config_json import read_config, write_config
+from kvcal.kv.ops import write_layer
+from kvcal.kv.plan import CalibrationPlan
+from kvcal.observers import Observer
 
-__all__ = ["generate_config", "create_quant_cali_config", "split_layer_names"]
+__all__ = [
+    "generate_config",
+    "create_quant_cali_config",
+    "create_quant_cali_model",
+    "get_quant_cali_hooks",
+    "remove_quant_cali_hooks",
+    "split_layer_names",
+]
 
 QUANT_LAYERS_KEY = "kv_cache_quant_layers"
 
@@ -124,3 +137,54 @@ def _layers_from_mapping(quant_layers: Any) -> list[str]:
     if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
         raise TypeError(f"quant_layers[{QUANT_LAYERS_KEY!r}] must be a list of layer names, got {names!r}")
     return list(names)
+
+
+# Observers attached by create_quant_cali_model, per model, without touching the model.
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, ActiveTap] = weakref.WeakKeyDictionary()
+
+
+def create_quant_cali_model(
+    config_file: str | os.PathLike[str],
+    record_file: str | os.PathLike[str],
+    model: nn.Module,
+    tap: Tap | str = Tap.PROJ,
+) -> nn.Module:
+    """Attach observers to `model` for the layers of a JSON config; return the model.
+
+    Running batches through the returned model calibrates it: each layer's factors are
+    merged into `record_file` when it completes `batch_num` batches (an overwrite of
+    different old factors is reported as a `RecordOverwriteWarning`); later calls pass
+    through untouched. What the model computes does not change. `tap` "proj" (the
+    default, AMCT's semantics) observes the Linear outputs; "cache" what the KV cache
+    stores (keys after RoPE/normalization; the model must run with its cache enabled);
+    "auto" picks "cache" for transformers models that write one. Calling this again on the same
+    model replaces the previous observers; `remove_quant_cali_hooks(model)` removes them.
+
+    Raises:
+        ConfigError: the config is malformed or does not match the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    plan = read_config(config_file, model)
+    remove_quant_cali_hooks(model)
+    record = os.fspath(record_file)
+
+    def on_complete(name: str, observer: Observer) -> None:
+        write_layer(record, name, observer.compute())
+
+    _ATTACHED[model] = attach_observers(model, plan, tap=Tap(tap), on_complete=on_complete)
+    return model
+
+
+def get_quant_cali_hooks(model: nn.Module) -> ActiveTap | None:
+    """The observers `create_quant_cali_model` attached to `model`, if any."""
+    return _ATTACHED.get(model)
+
+
+def remove_quant_cali_hooks(model: nn.Module) -> bool:
+    """Remove the observers `create_quant_cali_model` attached; False when there were none."""
+    active = _ATTACHED.pop(model, None)
+    if active is None:
+        return False
+    active.detach()
+    return True

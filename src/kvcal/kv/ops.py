@@ -3,17 +3,42 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
+from kvcal.errors import RecordOverwriteWarning
 from kvcal.observers import Observer, make_observer
-from kvcal.plan import settings_from_params
+from kvcal.params import settings_from_params
+from kvcal.quant import QParams
+from kvcal.record.changes import OverwriteReport
+from kvcal.record.store import merge_kv_cache
 
-__all__ = ["QuantCalibrationOp"]
+__all__ = ["QuantCalibrationOp", "write_layer"]
 
 _QUANT_METHODS = ("kv_cache_quant",)
+
+
+def warn_overwrites(report: OverwriteReport, record_file: str | os.PathLike[str]) -> None:
+    """One `RecordOverwriteWarning` per layer of `report` whose old factors were replaced."""
+    from kvcal.output import describe_change
+
+    for change in report.layers:
+        if change.status == "changed":
+            warnings.warn(
+                f"{os.fspath(record_file)}: overwrote the factors of {describe_change(change)}",
+                RecordOverwriteWarning,
+                stacklevel=4,
+            )
+
+
+def write_layer(record_file: str | os.PathLike[str], name: str, qparams: QParams) -> None:
+    """Merge one layer's factors into the record; warn about replaced old factors."""
+    report = merge_kv_cache(record_file, {name: qparams.cpu()})
+    warn_overwrites(report, record_file)
+
 
 
 class QuantCalibrationOp(nn.Module):
@@ -70,8 +95,6 @@ class QuantCalibrationOp(nn.Module):
             return x
         observer.update(x)
         if observer.complete:
-            from kvcal.calibrate import write_layer
-
             write_layer(self.record_file, layer_name, observer.compute())
         return x
 
@@ -79,6 +102,6 @@ class QuantCalibrationOp(nn.Module):
         params = self.settings.params
         return (
             f"record_file={self.record_file!r}, act_algo={params.algo!r}, "
-            f"quant_granularity={self.settings.granularity}, asymmetric={self.settings.asymmetric}, "
+            f"quant_granularity={self.settings.granularity.label}, asymmetric={self.settings.asymmetric}, "
             f"batch_num={self.settings.batch_num}"
         )

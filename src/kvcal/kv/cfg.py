@@ -9,39 +9,21 @@ afterwards and point at the line of the field at fault.
 
 from __future__ import annotations
 
-import bisect
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import numpy
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import text_format
 from torch import nn
 
 from kvcal.errors import ConfigError
-from kvcal.plan import (
-    AlgoParams,
-    CalibrationPlan,
-    HfmgParams,
-    IfmrParams,
-    LayerPlan,
-    check_batch_num,
-    check_layers_in_model,
-    parse_granularity,
-)
+from kvcal.floats import f32_value
+from kvcal.kv.plan import CalibrationPlan, LayerPlan, check_layers_in_model
+from kvcal.params import AlgoParams, HfmgParams, IfmrParams, check_batch_num
 from kvcal.proto import quant_cali_config_pb2 as pb
+from kvcal.quant import Granularity
+from kvcal.textproto import FieldPath, Locator, parse_text, read_text
 
-__all__ = ["load_cfg", "plan_from_layers", "float32_value"]
-
-FieldPath = tuple[object, ...]
-"""A field path in the parsed message, e.g. ("override_layers_configs", 0, "layer_name")."""
-
-
-def float32_value(value: float) -> float:
-    """The shortest decimal of a float32 proto value, as a float (0.999999, not 0.99999898...)."""
-    return float(str(numpy.float32(value)))
+__all__ = ["load_cfg", "plan_from_layers"]
 
 
 def load_cfg(path: str | os.PathLike[str], model: nn.Module | None) -> CalibrationPlan:
@@ -55,13 +37,9 @@ def load_cfg(path: str | os.PathLike[str], model: nn.Module | None) -> Calibrati
         ConfigError: naming the file, the line:column where known, and the field or layer.
     """
     source = os.fspath(path)
-    text = _read_text(source)
-    message = pb.AMCTQuantCaliConfig()
-    try:
-        text_format.Parse(text, message)
-    except text_format.ParseError as exc:
-        raise ConfigError(_parse_error_message(source, exc)) from None
-    where = _Locator(source, text)
+    text = read_text(source, error=ConfigError, what="config")
+    message = parse_text(text, pb.AMCTQuantCaliConfig(), source=source, error=ConfigError)
+    where = Locator(source, text, pb.AMCTQuantCaliConfig.DESCRIPTOR)
     return _Builder(source, message, where, model).build()
 
 
@@ -101,131 +79,7 @@ def plan_from_layers(
         raise ConfigError(f"--quant-layers: {exc}") from None
 
 
-def _read_text(source: str) -> str:
-    try:
-        with open(source, encoding="utf-8") as handle:
-            return handle.read()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {source}: {exc.strerror or exc}") from None
-
-
-_PARSER_POSITION = re.compile(r"^\d+:\d+ : ")
-
-
-def _parse_error_message(source: str, exc: text_format.ParseError) -> str:
-    text = _PARSER_POSITION.sub("", str(exc), count=1)
-    line, column = exc.GetLine(), exc.GetColumn()
-    if line is None:
-        return f"{source}: {text}"
-    return f"{source}:{line}:{column}: {text}"
-
-
-@dataclass(frozen=True)
-class _Token:
-    text: str
-    offset: int
-
-
-# Comments, strings (either quote, with escapes), words/numbers, punctuation.
-_TOKEN = re.compile(
-    r"""\s+|\#[^\n]*|(?P<tok>'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|[\w.+-]+|[{}<>:;,\[\]])""",
-    re.DOTALL,
-)
-
-
-class _Locator:
-    """Where each field of an already successfully parsed `.cfg` text starts.
-
-    The protobuf text parser keeps no positions, so the text is scanned again with the
-    schema to map field paths to 1-based (line, column). Positions are best effort: a
-    path not found falls back to its closest enclosing field, then to the file alone.
-    """
-
-    def __init__(self, source: str, text: str) -> None:
-        self.source = source
-        self._line_starts = [0] + [m.end() for m in re.finditer(r"\n", text)]
-        self._tokens = [_Token(m.group("tok"), m.start()) for m in _TOKEN.finditer(text) if m.group("tok")]
-        self._pos = 0
-        self.positions: dict[FieldPath, tuple[int, int]] = {}
-        try:
-            self._message(pb.AMCTQuantCaliConfig.DESCRIPTOR, (), None)
-        except IndexError:  # pragma: no cover - the text parsed, so the scan should not run out
-            pass
-
-    def __call__(self, path: FieldPath) -> str:
-        """`FILE:LINE:COL` of `path` (or of its closest located parent), else `FILE`."""
-        for end in range(len(path), 0, -1):
-            position = self.positions.get(path[:end])
-            if position is not None:
-                return f"{self.source}:{position[0]}:{position[1]}"
-        return self.source
-
-    def line(self, path: FieldPath) -> int | None:
-        position = self.positions.get(path)
-        return None if position is None else position[0]
-
-    def _where(self, token: _Token) -> tuple[int, int]:
-        index = bisect.bisect_right(self._line_starts, token.offset) - 1
-        return index + 1, token.offset - self._line_starts[index] + 1
-
-    def _next(self) -> _Token:
-        token = self._tokens[self._pos]
-        self._pos += 1
-        return token
-
-    def _peek(self) -> str | None:
-        return self._tokens[self._pos].text if self._pos < len(self._tokens) else None
-
-    def _message(self, desc: _descriptor.Descriptor, prefix: FieldPath, closing: str | None) -> None:
-        counters: dict[str, int] = {}
-        while self._peek() is not None:
-            text = self._peek()
-            if text == closing:
-                self._pos += 1
-                return
-            if text in (";", ","):
-                self._pos += 1
-                continue
-            name = self._next()
-            field = desc.fields_by_name.get(name.text)
-            if field is None:  # pragma: no cover - the parser accepted the text
-                return
-            if self._peek() == ":":
-                self._pos += 1
-            if self._peek() == "[":
-                self._pos += 1
-                while self._peek() not in ("]", None):
-                    if self._peek() == ",":
-                        self._pos += 1
-                        continue
-                    self._value(field, prefix, counters, self._tokens[self._pos])
-                self._pos += 1
-            else:
-                self._value(field, prefix, counters, name)
-
-    def _value(
-        self, field: _descriptor.FieldDescriptor, prefix: FieldPath, counters: dict[str, int], anchor: _Token
-    ) -> None:
-        if field.is_repeated:
-            index = counters.get(field.name, 0)
-            counters[field.name] = index + 1
-            path = prefix + (field.name, index)
-        else:
-            path = prefix + (field.name,)
-        self.positions.setdefault(path, self._where(anchor))
-        if field.type in (field.TYPE_MESSAGE, field.TYPE_GROUP):
-            opening = self._next().text
-            self._message(field.message_type, path, "}" if opening == "{" else ">")
-            return
-        self._next()
-        # Adjacent string literals are concatenated by the text format.
-        while field.type in (field.TYPE_STRING, field.TYPE_BYTES) and (self._peek() or "")[:1] in ("'", '"'):
-            self._pos += 1
-
-
-# The first word of a plan.py validation message names the parameter at fault.
+# The first word of a kvcal.params validation message names the parameter at fault.
 _PARAM_FIELDS = {
     "max_percentile": ("max_percentile",),
     "min_percentile": ("min_percentile",),
@@ -238,7 +92,7 @@ _PARAM_FIELDS = {
 class _Builder:
     """Turns a parsed AMCTQuantCaliConfig into a validated plan."""
 
-    def __init__(self, source: str, message: pb.AMCTQuantCaliConfig, where: _Locator, model: nn.Module | None):
+    def __init__(self, source: str, message: pb.AMCTQuantCaliConfig, where: Locator, model: nn.Module | None):
         self.source = source
         self.message = message
         self.where = where
@@ -313,11 +167,11 @@ class _Builder:
 
     def _algo(
         self, config: pb.CalibrationConfig | None, path: FieldPath, what: str
-    ) -> tuple[AlgoParams, int, bool | None]:
+    ) -> tuple[AlgoParams, Granularity, bool | None]:
         """Algorithm parameters, granularity and asymmetric flag (None: unset) of one config."""
         which = config.WhichOneof("acts_quant_algo") if config is not None else None
         if config is None or which is None:
-            return IfmrParams(), 0, None
+            return IfmrParams(), Granularity.PER_TENSOR, None
         algo_path = path + (which,)
         algo = getattr(config, which)  # the FMRQuantize or HFMGQuantize message
         params: AlgoParams
@@ -326,14 +180,14 @@ class _Builder:
                 params = HfmgParams(num_of_bins=algo.num_of_bins)
             else:
                 params = IfmrParams(
-                    max_percentile=float32_value(algo.max_percentile),
-                    min_percentile=float32_value(algo.min_percentile),
-                    search_range=(float32_value(algo.search_range_start), float32_value(algo.search_range_end)),
-                    search_step=float32_value(algo.search_step),
+                    max_percentile=f32_value(algo.max_percentile),
+                    min_percentile=f32_value(algo.min_percentile),
+                    search_range=(f32_value(algo.search_range_start), f32_value(algo.search_range_end)),
+                    search_step=f32_value(algo.search_step),
                 )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{self._param_location(algo_path, str(exc))}: {what}: {which}: {exc}") from None
-        granularity = parse_granularity(int(algo.quant_granularity))
+        granularity = Granularity(int(algo.quant_granularity))
         asymmetric = algo.asymmetric if algo.HasField("asymmetric") else None
         return params, granularity, asymmetric
 

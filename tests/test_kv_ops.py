@@ -13,8 +13,8 @@ from torch import nn
 from kvcal import QuantCalibrationOp
 from kvcal.errors import CalibrationError, RecordOverwriteWarning
 from kvcal.observers import make_observer
-from kvcal.plan import settings_from_params
-from kvcal.record import read_record
+from kvcal.params import settings_from_params
+from kvcal.record.store import read_record
 
 HFMG_PER_CHANNEL = {"act_algo": "hfmg", "num_bits": 8, "quant_granularity": "1", "with_offset": True, "batch_num": 1}
 

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from kvcal.config_json import plan_to_json, read_config, write_config
-from kvcal.errors import ConfigError
-from kvcal.plan import CalibrationPlan, HfmgParams, IfmrParams, LayerPlan
-from kvcal.simple_cfg import load_cfg, plan_from_layers
 from models import K_PROJ, V_PROJ, tiny_decoder
+
+from kvcal.errors import ConfigError
+from kvcal.kv.cfg import load_cfg, plan_from_layers
+from kvcal.kv.config_json import plan_to_json, read_config, write_config
+from kvcal.kv.plan import CalibrationPlan, LayerPlan
+from kvcal.params import HfmgParams, IfmrParams
 
 DATA = Path(__file__).parent / "data" / "config"
 
@@ -177,10 +178,10 @@ def _hfmg(**extra: Any) -> dict[str, Any]:
         ({K_PROJ: {}}, [f"layer '{K_PROJ}'", "missing key 'kv_data_quant_config'"]),
         ({K_PROJ: {"kv_data_quant_config": 3}}, [f"layer '{K_PROJ}'", "kv_data_quant_config must be an object"]),
         (_doc(act_algo="minmax"), ["act_algo must be 'ifmr' or 'hfmg', got 'minmax'"]),
-        (_doc(act_algo=1), ["act_algo must be 'ifmr' or 'hfmg', got 1"]),
+        (_doc(act_algo=1), ["act_algo must be a str, 'ifmr' or 'hfmg', got 1"]),
         (_doc(search_rnge=[0.7, 1.3]), [f"layer '{K_PROJ}'", "unknown key 'search_rnge'"]),
-        (_doc(num_of_bins=4096), ["a key of the other algorithm, not of act_algo 'ifmr' 'num_of_bins'"]),
-        (_hfmg(search_step=0.01), ["a key of the other algorithm, not of act_algo 'hfmg' 'search_step'"]),
+        (_doc(num_of_bins=4096), ["num_of_bins is a parameter of hfmg, not of act_algo 'ifmr'"]),
+        (_hfmg(search_step=0.01), ["search_step is a parameter of ifmr, not of act_algo 'hfmg'"]),
         (_doc(max_percentile="0.9"), ["max_percentile must be a number, got '0.9'"]),
         (_doc(max_percentile=True), ["max_percentile must be a number, got True"]),
         (_doc(max_percentile=0.5), ["max_percentile must be in (0.5, 1], got 0.5"]),

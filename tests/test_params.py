@@ -6,20 +6,18 @@ import math
 from typing import Any
 
 import pytest
+from models import K_PROJ, V_PROJ, tiny_decoder
 
 from kvcal.errors import ConfigError
-from kvcal.plan import (
-    CalibrationPlan,
+from kvcal.kv.plan import CalibrationPlan, LayerPlan, check_layers_in_model
+from kvcal.params import (
     HfmgParams,
     IfmrParams,
-    LayerPlan,
     QuantSettings,
     check_batch_num,
-    check_layers_in_model,
-    parse_granularity,
     settings_from_params,
 )
-from models import K_PROJ, V_PROJ, tiny_decoder
+from kvcal.quant import Granularity
 
 
 def test_defaults() -> None:
@@ -69,7 +67,7 @@ def test_asymmetric_wins_over_with_offset(with_offset: bool | None, asymmetric: 
     [(0, 0), (1, 1), ("0", 0), ("1", 1), ("per_tensor", 0), ("per_channel", 1), (" per_channel ", 1)],
 )
 def test_granularity_forms(value: Any, expected: int) -> None:
-    assert parse_granularity(value) == expected
+    assert Granularity.parse(value) == expected
     assert settings_from_params({"quant_granularity": value}).granularity == expected
 
 

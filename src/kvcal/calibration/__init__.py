@@ -1,0 +1,1 @@
+"""Taps, the batch runner and the summary shared by both calibration modes."""

@@ -1,0 +1,124 @@
+"""`kvcal calibrate` as one library call: files in, record (and report) out.
+
+Every cheap check happens before the model is loaded: the device, the output paths
+(none may be another input or output of the run), the dataset listing and the record's
+readability. The report is written in the record's transaction, so an error leaves
+both as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Union
+
+from kvcal.calibration.runner import (
+    ProgressCallback,
+    check_record_early,
+    run_calibration,
+)
+from kvcal.calibration.summary import CalibrationResult
+from kvcal.calibration.taps import Tap
+from kvcal.dataset import open_dataset
+from kvcal.device import resolve_device
+from kvcal.errors import KvcalError
+from kvcal.kv.config_json import read_config
+from kvcal.model_loader import load_model
+
+__all__ = ["calibrate_from_files", "check_distinct_paths", "report_json"]
+
+PathArg = Union[str, "os.PathLike[str]"]
+
+
+def report_json(result: CalibrationResult) -> bytes:
+    """The `--report` file: `result.to_dict()` as indented JSON."""
+    return (json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links, bind mounts
+    except OSError:
+        return False
+
+
+def check_distinct_paths(outputs: dict[str, PathArg], inputs: Iterable[tuple[str, PathArg]]) -> None:
+    """No output may be another output or an input of the same run.
+
+    Args:
+        outputs: role → path of each file the run writes (e.g. "record", "report").
+        inputs: (role, path) of each file it reads.
+
+    Raises:
+        KvcalError: naming both roles and the path.
+    """
+    named = list(outputs.items())
+    for index, (role, path) in enumerate(named):
+        others = [(other, p) for other, p in named[index + 1 :]] + list(inputs)
+        for other, other_path in others:
+            if _same_file(Path(path), Path(other_path)):
+                raise KvcalError(
+                    f"the {role} {os.fspath(path)} is also the {other} of this run; "
+                    f"writing it would destroy the {other}: choose another path"
+                )
+
+
+def _check_report_dir(report_path: PathArg | None) -> None:
+    if report_path is None:
+        return
+    parent = Path(os.fspath(report_path)).parent
+    if not parent.is_dir():
+        raise KvcalError(f"cannot write report {os.fspath(report_path)}: directory {parent} does not exist")
+
+
+def calibrate_from_files(
+    *,
+    model_entry: str,
+    model_args: tuple[str, ...] | list[str] = (),
+    checkpoint: PathArg | None = None,
+    config_path: PathArg,
+    dataset_dir: PathArg,
+    record_path: PathArg,
+    device: str = "auto",
+    tap: Tap | str = Tap.AUTO,
+    dry_run: bool = False,
+    force: bool = False,
+    report_path: PathArg | None = None,
+    progress: ProgressCallback | None = None,
+) -> CalibrationResult:
+    """`kvcal calibrate`: check the paths, load the dataset listing, the model and config, run.
+
+    Raises:
+        KvcalError: any bad input, before the model is loaded wherever it can be known then.
+    """
+    target = resolve_device(device)
+    _check_report_dir(report_path)
+    dataset = open_dataset(dataset_dir, target)  # a bad dataset fails before a large model loads
+    outputs: dict[str, PathArg] = {"record": record_path}
+    if report_path is not None:
+        outputs["report"] = report_path
+    inputs = [("config", config_path), *(("data file", f) for f in dataset.files)]
+    if checkpoint is not None:
+        inputs.append(("checkpoint", checkpoint))
+    check_distinct_paths(outputs, inputs)
+    check_record_early(record_path, force=force)
+    model = load_model(model_entry, tuple(model_args), checkpoint)
+    plan = read_config(config_path, model)
+    report_file = None if report_path is None else Path(report_path)
+    return run_calibration(
+        model=model,
+        plan=plan,
+        dataset_dir=dataset,
+        record_path=record_path,
+        device=target,
+        tap=Tap(tap),
+        dry_run=dry_run,
+        force=force,
+        progress=progress,
+        record_checked=True,
+        companions=None if report_file is None else (lambda result: {report_file: report_json(result)}),
+    )

@@ -1,0 +1,1 @@
+"""KV-cache mode: plan, .cfg, JSON config, AMCT-style API and QuantCalibrationOp."""

@@ -1,0 +1,1 @@
+"""The record file: the locked, atomic store; what a merge changed; inspection."""
