@@ -293,7 +293,7 @@ def test_existing_record_is_parsed_once_before_the_merge(ws: Workspace, monkeypa
 
     monkeypatch.setattr(kvcal.record.store, "parse_record", counting_read)
     monkeypatch.setattr(kvcal.textproto.text_format, "Parse", counting_parse)
-    monkeypatch.setattr(kvcal.record, "_last_parse", None)
+    monkeypatch.setattr(kvcal.record.store, "_last_parse", None)
     assert ws.run("--quiet").exit_code == 0
     # Read twice: an early check (before the model loads) and under the lock in the merge;
     # the bytes did not change in between, so the protobuf text is parsed once.
