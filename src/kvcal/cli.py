@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -111,6 +112,24 @@ def main(ctx: click.Context, debug: bool) -> None:
     help="Layers to calibrate with the IFMR defaults, instead of --cfg. Comma-separated; repeatable.",
 )
 @click.option(
+    "--batch-num",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --quant-layers: batches per layer (default 1).",
+)
+@click.option(
+    "--algo",
+    type=click.Choice(["ifmr", "hfmg"]),
+    default=None,
+    help="With --quant-layers: the algorithm, with its default parameters (default ifmr).",
+)
+@click.option(
+    "--granularity",
+    type=click.Choice(["per_tensor", "per_channel"]),
+    default=None,
+    help="With --quant-layers: one scale per layer or per channel (default per_tensor).",
+)
+@click.option(
     "-o",
     "--output",
     required=True,
@@ -125,26 +144,69 @@ def gen_config_command(
     checkpoint: str | None,
     cfg: str | None,
     quant_layers: tuple[str, ...],
+    batch_num: int | None,
+    algo: str | None,
+    granularity: str | None,
     output: str,
 ) -> None:
     """Build the per-layer JSON config of a model from a .cfg or a list of layers.
 
+    Layer names in --quant-layers and in the .cfg may be shell-style globs, expanded over
+    the model's Linear layers in model order (the JSON lists the expanded names).
+
     \b
     Examples:
       kvcal gen-config --model scripts/demo_model.py:build --cfg configs/example.cfg -o config.json
-      kvcal gen-config --model scripts/demo_model.py:build --model-arg num_layers=4 \\
-          --quant-layers model.layers.0.self_attn.k_proj,model.layers.0.self_attn.v_proj -o config.json
+      kvcal gen-config --model scripts/demo_model.py:build --quant-layers 'model.layers.*.self_attn.[kv]_proj' \\
+          --algo hfmg --granularity per_channel --batch-num 2 -o config.json
     """
     if (cfg is None) == (not quant_layers):
         raise click.UsageError("give exactly one of --cfg and --quant-layers")
+    if cfg is not None and (batch_num, algo, granularity) != (None, None, None):
+        raise click.UsageError("--batch-num, --algo and --granularity go with --quant-layers; the .cfg sets them")
     from kvcal.kv.api import generate_config, split_layer_names
     from kvcal.model_loader import load_model
     from kvcal.output import render_gen_config
 
     names = split_layer_names(quant_layers) if quant_layers else None
     model = load_model(model_entry, model_args, checkpoint)
-    plan = generate_config(model=model, output=output, cfg=cfg, quant_layers=names)
+    plan = generate_config(
+        model=model,
+        output=output,
+        cfg=cfg,
+        quant_layers=names,
+        batch_num=batch_num or 1,
+        algo="hfmg" if algo == "hfmg" else "ifmr",
+        granularity=granularity or "per_tensor",
+    )
     render_gen_config(plan, output)
+
+
+# --- layers ---
+
+
+@main.command("layers")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON on stdout.")
+@handle_errors
+def layers_command(model_entry: str, model_args: tuple[str, ...], checkpoint: str | None, as_json: bool) -> None:
+    """List the model's Linear layers: name, in/out features, and which are K/V or fused QKV projections.
+
+    \b
+    Example:
+      kvcal layers --model scripts/demo_model.py:build
+    """
+    import json
+
+    from kvcal.kv.layers import linear_layers
+    from kvcal.model_loader import load_model
+    from kvcal.output import render_layers
+
+    layers = linear_layers(load_model(model_entry, model_args, checkpoint))
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(layer) for layer in layers], indent=2))
+    else:
+        render_layers(layers)
 
 
 # --- calibrate ---
@@ -183,6 +245,14 @@ def gen_config_command(
     metavar="auto|cpu|cuda[:N]|npu[:N]",
     help="Where the model and the calibration run; auto picks an Ascend NPU, else CUDA, else the CPU.",
 )
+@click.option(
+    "--tap",
+    type=click.Choice(["auto", "cache", "proj"]),
+    default="auto",
+    show_default=True,
+    help="What to observe: 'cache' = the keys/values a transformers KV cache stores (after RoPE and "
+    "q/k norm); 'proj' = the Linear output (AMCT's semantics); 'auto' = cache when the model writes one.",
+)
 @click.option("--dry-run", is_flag=True, help="Calibrate and report, but write no record.")
 @click.option(
     "--report",
@@ -205,12 +275,18 @@ def calibrate_command(
     dataset_dir: str,
     record_path: str,
     device: str,
+    tap: str,
     dry_run: bool,
     report_path: str | None,
     quiet: bool,
     force: bool,
 ) -> None:
     """Run the dataset through the model, compute each layer's INT8 KV-cache factors, merge them into the record.
+
+    By default (--tap auto) a transformers model is observed where its KV cache is written,
+    so keys are calibrated after RoPE / q-k normalization, as serving engines store them;
+    --tap proj observes the k_proj/v_proj outputs as AMCT does. Positions whose
+    attention_mask is 0 are excluded.
 
     \b
     Example:
@@ -234,6 +310,7 @@ def calibrate_command(
             dataset_dir=dataset_dir,
             record_path=record_path,
             device=device,
+            tap=tap,
             dry_run=dry_run,
             force=force,
             report_path=report_path,

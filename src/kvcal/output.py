@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # the record modules are imported on use, keeping `import kvc
     from rich.table import Table
     from rich.text import Text
 
+    from kvcal.calibration.summary import CalibrationResult
+    from kvcal.kv.layers import LinearInfo
     from kvcal.record.changes import LayerChange, OverwriteReport
     from kvcal.record.inspect import RecordDetail, RecordDiff, RecordSummary
 
@@ -37,6 +39,7 @@ __all__ = [
     "library_warnings",
     "calibration_progress",
     "render_calibration_summary",
+    "render_layers",
 ]
 
 err_console = Console(stderr=True, highlight=False)
@@ -421,29 +424,62 @@ def calibration_progress(*, enabled: bool = True) -> Iterator[Callable[[int, int
         yield update
 
 
-def render_calibration_summary(result: Any) -> None:
-    """The per-layer table of a `kvcal.calibration.summary.CalibrationResult`, on stderr."""
+def _percent(fraction: float) -> str:
+    if fraction != fraction:  # NaN: no sample was kept
+        return "-"
+    return "0" if fraction == 0.0 else f"{100.0 * fraction:.3g}%"
+
+
+def render_calibration_summary(result: CalibrationResult) -> None:
+    """The per-layer table of a calibration result, on stderr."""
     from kvcal.calibration.summary import SQNR_BASIS
 
-    columns = ("Layer", "Algorithm", "Granularity", "Channels", "Scale", "Offset", "SQNR dB")
+    columns = ("Layer", "Tap", "Algorithm", "Granularity", "Channels", "Scale", "Offset", "SQNR dB", "Clipped")
     rows = []
     for layer in result.layers:
         sqnr = layer.sqnr_db
         rows.append(
             [
                 _cell(layer.name),
+                _cell(layer.tap.value),
                 _cell(f"{layer.algorithm} ({'asym' if layer.asymmetric else 'sym'})"),
                 _cell(layer.granularity.label),
                 _cell(layer.channels),
                 _cell(_num_range(layer.scale_min, layer.scale_max)),
                 _cell(_num_range(layer.offset_min, layer.offset_max)),
                 _cell("inf" if sqnr == float("inf") else f"{sqnr:.2f}"),
+                _cell(_percent(layer.clipped), "yellow" if layer.clipped > 0.001 else ""),
             ]
         )
     files = "file" if result.batches_used == 1 else "files"
     caption = (
         f"{result.batches_used} data {files} used (batch_num {result.batch_num}) on {result.device}; "
-        f"SQNR: quantization error of the {SQNR_BASIS}"
+        f"tap: cache = what the KV cache stores, proj = the Linear output; "
+        f"SQNR and clipped values: quantization of the {SQNR_BASIS}"
     )
     # Same table style and plain-output width rule as the record tables above.
     _print_table(_table("KV-cache calibration", caption, columns, rows))
+
+
+# --- layers ---
+
+_ROLE_TEXT = {"key": "K projection", "value": "V projection", "fused_qkv": "fused Q/K/V: not calibratable", "other": ""}
+
+
+def render_layers(layers: Sequence[LinearInfo]) -> None:
+    """The `kvcal layers` table: every Linear layer with its size and K/V role."""
+    rows = [
+        (
+            _cell(layer.name),
+            _cell(layer.in_features),
+            _cell(layer.out_features),
+            _cell(_ROLE_TEXT[layer.role], "red" if layer.role == "fused_qkv" else ""),
+        )
+        for layer in layers
+    ]
+    kv = sum(layer.role in ("key", "value") for layer in layers)
+    caption = (
+        f"{len(layers)} Linear layers, {kv} look like K/V projections; "
+        "select them with a glob, e.g. --quant-layers 'model.layers.*.self_attn.[kv]_proj'"
+    )
+    _print_table(_table("Linear layers", caption, ("Layer", "In", "Out", "Role"), rows))

@@ -9,11 +9,15 @@ both as they were.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Union
 
+from torch import nn
+
+from kvcal.calibration.cache_tap import has_cache_tap
 from kvcal.calibration.runner import (
     ProgressCallback,
     check_record_early,
@@ -28,6 +32,8 @@ from kvcal.kv.config_json import read_config
 from kvcal.model_loader import load_model
 
 __all__ = ["calibrate_from_files", "check_distinct_paths", "report_json"]
+
+logger = logging.getLogger(__name__)
 
 PathArg = Union[str, "os.PathLike[str]"]
 
@@ -65,6 +71,14 @@ def check_distinct_paths(outputs: dict[str, PathArg], inputs: Iterable[tuple[str
                     f"the {role} {os.fspath(path)} is also the {other} of this run; "
                     f"writing it would destroy the {other}: choose another path"
                 )
+
+
+def _warn_about_proj_tap(model: nn.Module, tap: Tap) -> None:
+    if tap == Tap.PROJ and has_cache_tap(model):
+        logger.warning(
+            "--tap proj observes the k_proj/v_proj outputs: keys before RoPE/normalization, so the "
+            "factors will not match what this model's KV cache stores (--tap cache does)"
+        )
 
 
 def _check_report_dir(report_path: PathArg | None) -> None:
@@ -108,6 +122,7 @@ def calibrate_from_files(
     check_record_early(record_path, force=force)
     model = load_model(model_entry, tuple(model_args), checkpoint)
     plan = read_config(config_path, model)
+    _warn_about_proj_tap(model, Tap(tap))
     report_file = None if report_path is None else Path(report_path)
     return run_calibration(
         model=model,

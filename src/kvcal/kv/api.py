@@ -18,6 +18,8 @@ from kvcal.kv.config_json import read_config, write_config
 from kvcal.kv.ops import write_layer
 from kvcal.kv.plan import CalibrationPlan
 from kvcal.observers import Observer
+from kvcal.params import Algo, HfmgParams, IfmrParams, check_act_algo, check_batch_num
+from kvcal.quant import Granularity
 
 __all__ = [
     "generate_config",
@@ -37,11 +39,15 @@ def generate_config(
     output: str | os.PathLike[str],
     cfg: str | os.PathLike[str] | None = None,
     quant_layers: Sequence[str] | None = None,
+    batch_num: int = 1,
+    algo: Algo = "ifmr",
+    granularity: Granularity | int | str = Granularity.PER_TENSOR,
 ) -> CalibrationPlan:
-    """Validate a `.cfg` (or a list of layers, given IFMR defaults) against `model` and write the JSON.
+    """Validate a `.cfg` (or a list of layers or globs) against `model` and write the JSON.
 
-    Exactly one of `cfg` and `quant_layers` is given. Nothing is written on error; an
-    existing `output` is replaced whole only once everything is valid.
+    Exactly one of `cfg` and `quant_layers` is given. With `quant_layers`, every layer gets
+    `algo`'s default parameters, `granularity` and the global `batch_num`. Nothing is
+    written on error; an existing `output` is replaced whole only once everything is valid.
 
     Returns:
         The plan that was written.
@@ -56,11 +62,25 @@ def generate_config(
         _refuse_same_file(cfg, output)
         plan = load_cfg(cfg, model)
     elif cfg is None and quant_layers is not None:
-        plan = plan_from_layers(quant_layers, model)
+        params = HfmgParams() if check_act_algo(algo) == "hfmg" else IfmrParams()
+        plan = plan_from_layers(
+            quant_layers,
+            model,
+            batch_num=_config_value("batch_num", check_batch_num, batch_num),
+            params=params,
+            granularity=_config_value("granularity", Granularity.parse, granularity),
+        )
     else:
         raise ValueError("give exactly one of cfg (a .cfg file) and quant_layers (a list of layer names)")
     write_config(plan, output)
     return plan
+
+
+def _config_value(what: str, check: Any, value: Any) -> Any:
+    try:
+        return check(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--{what.replace('_', '-')}: {exc}") from None
 
 
 def _refuse_same_file(cfg: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:

@@ -17,7 +17,13 @@ from torch import nn
 
 from kvcal.errors import ConfigError
 from kvcal.floats import f32_value
-from kvcal.kv.plan import CalibrationPlan, LayerPlan, check_layers_in_model
+from kvcal.kv.plan import (
+    CalibrationPlan,
+    LayerPlan,
+    check_layers_in_model,
+    expand_pattern,
+    is_pattern,
+)
 from kvcal.params import AlgoParams, HfmgParams, IfmrParams, check_batch_num
 from kvcal.proto import quant_cali_config_pb2 as pb
 from kvcal.quant import Granularity
@@ -49,26 +55,33 @@ def plan_from_layers(
     *,
     batch_num: int = 1,
     activation_offset: bool = True,
+    params: AlgoParams | None = None,
+    granularity: Granularity = Granularity.PER_TENSOR,
 ) -> CalibrationPlan:
-    """A plan giving every listed layer the IFMR defaults (the `--quant-layers` path).
+    """A plan giving every listed layer the same settings (the `--quant-layers` path).
+
+    Names may be shell-style globs, expanded over the model's Linear layers. Every layer
+    gets `params` (the IFMR defaults when None) and `granularity`.
 
     Raises:
-        ConfigError: an empty or duplicated name, no names, or a name that is not a Linear
-            layer of `model`.
+        ConfigError: an empty or duplicated name, no names, a glob matching nothing, or a
+            name that is not a Linear layer of `model`.
     """
     if isinstance(names, (str, bytes)):
         raise TypeError(f"layer names must be a list of str, got the single string {names!r}")
     layers: list[LayerPlan] = []
     seen: set[str] = set()
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"layer names must be str, got {name!r} ({type(name).__name__})")
-        if not name:
+    for pattern in names:
+        if not isinstance(pattern, str):
+            raise TypeError(f"layer names must be str, got {pattern!r} ({type(pattern).__name__})")
+        if not pattern:
             raise ConfigError("--quant-layers: empty layer name")
-        if name in seen:
-            raise ConfigError(f"--quant-layers: layer {name!r} is listed twice")
-        seen.add(name)
-        layers.append(LayerPlan(name=name, params=IfmrParams()))
+        expanded = expand_pattern(pattern, model, "--quant-layers") if model is not None else [pattern]
+        for name in expanded:
+            if name in seen:
+                raise ConfigError(f"--quant-layers: layer {name!r} is listed twice")
+            seen.add(name)
+            layers.append(LayerPlan(name=name, params=params or IfmrParams(), granularity=granularity))
     if not layers:
         raise ConfigError("--quant-layers: no layers to calibrate")
     if model is not None:
@@ -104,48 +117,10 @@ class _Builder:
             batch_num = check_batch_num(msg.batch_num)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{self.where(('batch_num',))}: {exc}") from None
-        common = msg.kv_cache_quant_config
-        common_path: FieldPath = ("kv_cache_quant_config", "calibration_config")
-        common_settings = self._algo(
-            common.calibration_config if common.HasField("calibration_config") else None,
-            common_path,
-            "kv_cache_quant_config.calibration_config",
-        )
-
         layers: dict[str, LayerPlan] = {}
         paths: dict[str, FieldPath] = {}
-        for index, name in enumerate(common.quant_layers):
-            path: FieldPath = ("kv_cache_quant_config", "quant_layers", index)
-            if name in layers:
-                raise ConfigError(
-                    f"{self.where(path)}: layer {name!r} is listed twice in kv_cache_quant_config.quant_layers"
-                    f"{self._first_at(paths[name])}"
-                )
-            params, granularity, asymmetric = common_settings
-            layers[name] = LayerPlan(name=name, params=params, granularity=granularity, asymmetric=asymmetric)
-            paths[name] = path
-
-        overridden: dict[str, FieldPath] = {}
-        for index, override in enumerate(msg.override_layers_configs):
-            block: FieldPath = ("override_layers_configs", index)
-            if not override.HasField("layer_name"):
-                raise ConfigError(f"{self.where(block)}: override_layers_configs has no layer_name (it is required)")
-            name = override.layer_name
-            path = block + ("layer_name",)
-            if name in overridden:
-                raise ConfigError(
-                    f"{self.where(path)}: layer {name!r} is overridden twice in override_layers_configs"
-                    f"{self._first_at(overridden[name])}"
-                )
-            overridden[name] = path
-            config = override.kv_data_quant_config if override.HasField("kv_data_quant_config") else None
-            params, granularity, asymmetric = self._algo(
-                config, block + ("kv_data_quant_config",), f"override of layer {name!r}"
-            )
-            # The override replaces the layer's settings and keeps its place; a new layer goes last.
-            layers[name] = LayerPlan(name=name, params=params, granularity=granularity, asymmetric=asymmetric)
-            paths.setdefault(name, path)
-
+        self._add_common_layers(layers, paths)
+        self._apply_overrides(layers, paths)
         if not layers:
             raise ConfigError(
                 f"{self.source}: no layers to calibrate: give kv_cache_quant_config.quant_layers "
@@ -160,6 +135,54 @@ class _Builder:
             )
         except (TypeError, ValueError) as exc:  # pragma: no cover - every rule is checked above
             raise ConfigError(f"{self.source}: {exc}") from None
+
+    def _names(self, pattern: str, path: FieldPath) -> list[str]:
+        """A configured name, or the Linear layers its glob matches (which needs the model)."""
+        if not is_pattern(pattern):
+            return [pattern]
+        if self.model is None:
+            raise ConfigError(f"{self.where(path)}: the pattern {pattern!r} can only be expanded with the model")
+        return expand_pattern(pattern, self.model, self.where(path))
+
+    def _add_common_layers(self, layers: dict[str, LayerPlan], paths: dict[str, FieldPath]) -> None:
+        common = self.message.kv_cache_quant_config
+        params, granularity, asymmetric = self._algo(
+            common.calibration_config if common.HasField("calibration_config") else None,
+            ("kv_cache_quant_config", "calibration_config"),
+            "kv_cache_quant_config.calibration_config",
+        )
+        for index, pattern in enumerate(common.quant_layers):
+            path: FieldPath = ("kv_cache_quant_config", "quant_layers", index)
+            for name in self._names(pattern, path):
+                if name in layers:
+                    raise ConfigError(
+                        f"{self.where(path)}: layer {name!r} is listed twice in kv_cache_quant_config.quant_layers"
+                        f"{self._first_at(paths[name])}"
+                    )
+                layers[name] = LayerPlan(name=name, params=params, granularity=granularity, asymmetric=asymmetric)
+                paths[name] = path
+
+    def _apply_overrides(self, layers: dict[str, LayerPlan], paths: dict[str, FieldPath]) -> None:
+        overridden: dict[str, FieldPath] = {}
+        for index, override in enumerate(self.message.override_layers_configs):
+            block: FieldPath = ("override_layers_configs", index)
+            if not override.HasField("layer_name"):
+                raise ConfigError(f"{self.where(block)}: override_layers_configs has no layer_name (it is required)")
+            path = block + ("layer_name",)
+            config = override.kv_data_quant_config if override.HasField("kv_data_quant_config") else None
+            for name in self._names(override.layer_name, path):
+                if name in overridden:
+                    raise ConfigError(
+                        f"{self.where(path)}: layer {name!r} is overridden twice in override_layers_configs"
+                        f"{self._first_at(overridden[name])}"
+                    )
+                overridden[name] = path
+                params, granularity, asymmetric = self._algo(
+                    config, block + ("kv_data_quant_config",), f"override of layer {name!r}"
+                )
+                # The override replaces the layer's settings and keeps its place; a new layer goes last.
+                layers[name] = LayerPlan(name=name, params=params, granularity=granularity, asymmetric=asymmetric)
+                paths.setdefault(name, path)
 
     def _first_at(self, path: FieldPath) -> str:
         line = self.where.line(path)

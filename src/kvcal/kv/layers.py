@@ -55,13 +55,15 @@ def linear_layers(model: nn.Module) -> list[LinearInfo]:
     ]
 
 
-def fused_qkv_reason(model: nn.Module, name: str) -> str | None:
+def fused_qkv_reason(model: nn.Module, name: str, modules: Mapping[str, nn.Module] | None = None) -> str | None:
     """None, or a message for a layer that is a fused query/key/value projection.
+
+    `modules` is `dict(model.named_modules())` when the caller already has it.
 
     Raises:
         ConfigError: The model has no module called `name`.
     """
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules()) if modules is None else modules
     if name not in modules:
         raise ConfigError(f"layer {name}: no module of that name in the model")
     if not _is_fused(modules, name):

@@ -3,6 +3,7 @@ the JSON config reader, consumed by calibration."""
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from kvcal.messages import did_you_mean
 from kvcal.params import AlgoParams, QuantSettings, check_batch_num, check_bool
 from kvcal.quant import Granularity
 
-__all__ = ["LayerPlan", "CalibrationPlan", "check_layers_in_model"]
+__all__ = ["LayerPlan", "CalibrationPlan", "check_layers_in_model", "expand_pattern", "is_pattern"]
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,13 @@ class CalibrationPlan:
 
 
 def check_layers_in_model(names: Iterable[str], model: nn.Module, source: str) -> None:
-    """Every name must be a `torch.nn.Linear` of `model`; else a ConfigError naming `source`.
+    """Every name must be a `torch.nn.Linear` of `model`, and not a fused query/key/value one.
 
-    A missing name comes with the closest existing Linear names.
+    Else a ConfigError naming `source`; a missing name comes with the closest existing
+    Linear names.
     """
+    from kvcal.kv.layers import fused_qkv_reason
+
     modules = dict(model.named_modules())
     linear_names = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
     for name in names:
@@ -81,3 +85,34 @@ def check_layers_in_model(names: Iterable[str], model: nn.Module, source: str) -
                 f"{source}: layer {name!r} is a {type(module).__name__}, not a torch.nn.Linear; "
                 "only Linear layers (k_proj/v_proj style) can be calibrated"
             )
+        reason = fused_qkv_reason(model, name, modules)
+        if reason is not None:
+            raise ConfigError(f"{source}: {reason}")
+
+
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+def is_pattern(name: str) -> bool:
+    """Whether a configured layer name is a shell-style glob (`*`, `?`, `[...]`)."""
+    return any(c in _GLOB_CHARACTERS for c in name)
+
+
+def expand_pattern(pattern: str, model: nn.Module, source: str) -> list[str]:
+    """The Linear layers of `model` that a glob matches, in `named_modules()` order.
+
+    A plain name (no glob character) is returned as is, to be checked like any name.
+
+    Raises:
+        ConfigError: a glob that matches no Linear layer (naming `source`).
+    """
+    if not is_pattern(pattern):
+        return [pattern]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and fnmatch.fnmatchcase(name, pattern)
+    ]
+    if not names:
+        raise ConfigError(f"{source}: the pattern {pattern!r} matches no Linear layer of the model")
+    return names
