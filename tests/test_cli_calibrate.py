@@ -450,3 +450,102 @@ def test_python_m_kvcal_gen_config_then_calibrate(tmp_path: Path) -> None:
     assert len(entries["model.layers.0.self_attn.v_proj"][0]) == 32  # per-channel: 2 KV heads x 16
     assert len(entries["model.layers.0.self_attn.k_proj"][0]) == 1
     assert "4 new, 0 changed, 0 unchanged; written" in calibrate.stderr
+
+
+@pytest.mark.parametrize("clash", ["record", "config", "data"])
+def test_report_path_that_is_another_input_or_output_is_refused(ws: Workspace, clash: str) -> None:
+    torch.save(randn(2, 8), ws.data / "a.pt")
+    ws.record.write_text(FOREIGN_RECORD, encoding="utf-8")
+    target = {"record": ws.record, "config": ws.config, "data": ws.data / "a.pt"}[clash]
+    before = {p: p.read_bytes() for p in (ws.record, ws.config, ws.data / "a.pt")}
+    result = ws.run("--report", str(target))
+    assert result.exit_code == 1
+    role = {"record": "record", "config": "config", "data": "data file"}[clash]
+    assert f"the report {target} is also the {role} of this run" in result.stderr
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_record_path_that_is_the_config_is_refused_before_loading(ws: Workspace) -> None:
+    torch.save(randn(2, 8), ws.data / "a.pt")
+    before = ws.config.read_bytes()
+    args = ws.args()
+    args[args.index("--record") + 1] = str(ws.config)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "the record" in result.stderr and "is also the config of this run" in result.stderr
+    assert ws.config.read_bytes() == before
+
+
+def test_report_failure_leaves_the_record_unchanged(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvcal.record.store
+
+    torch.save(randn(2, 8), ws.data / "a.pt")
+    ws.record.write_text(FOREIGN_RECORD, encoding="utf-8")
+    report = ws.root / "report.json"
+    real = kvcal.record.store.atomic_write
+
+    def failing(path: Path, data: bytes, **kwargs: Any) -> None:
+        if Path(path).name == "report.json":
+            raise OSError(28, "No space left on device")
+        real(path, data, **kwargs)
+
+    monkeypatch.setattr(kvcal.record.store, "atomic_write", failing)
+    result = ws.run("--report", str(report))
+    assert result.exit_code == 1
+    assert f"cannot write {report}: No space left on device; the record was left unchanged" in result.stderr
+    assert ws.record.read_text(encoding="utf-8") == FOREIGN_RECORD
+    assert not report.exists()
+
+
+def test_record_failure_restores_the_report(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvcal.record.store
+
+    torch.save(randn(2, 8), ws.data / "a.pt")
+    report = ws.root / "report.json"
+    report.write_text("old report\n", encoding="utf-8")
+    real = kvcal.record.store.atomic_write
+
+    def failing(path: Path, data: bytes, **kwargs: Any) -> None:
+        if Path(path) == ws.record:
+            raise OSError(28, "No space left on device")
+        real(path, data, **kwargs)
+
+    monkeypatch.setattr(kvcal.record.store, "atomic_write", failing)
+    result = ws.run("--report", str(report))
+    assert result.exit_code == 1
+    assert "cannot write record" in result.stderr
+    assert not ws.record.exists()
+    assert report.read_text(encoding="utf-8") == "old report\n"
+
+
+def test_summary_names_each_layers_granularity(ws: Workspace) -> None:
+    """k_proj is per-tensor and v_proj per-channel in make_plan: swapping the labels must fail here."""
+    torch.save(randn(2, 8), ws.data / "a.pt")
+    report = ws.root / "report.json"
+    result = ws.run("--report", str(report))
+    assert result.exit_code == 0, result.output
+    layers = {layer["layer"]: layer for layer in json.loads(report.read_text())["layers"]}
+    assert (layers["k_proj"]["granularity"], layers["k_proj"]["channels"]) == ("per_tensor", 1)
+    assert (layers["v_proj"]["granularity"], layers["v_proj"]["channels"]) == ("per_channel", 6)
+    rows: dict[str, str] = {}
+    for line in result.stderr.splitlines():  # the summary table comes before the record table
+        cells = line.replace("│", " ").split()
+        if cells[:1] in (["k_proj"], ["v_proj"]):
+            rows.setdefault(cells[0], line)
+    assert "per_tensor" in rows["k_proj"] and "per_channel" not in rows["k_proj"]
+    assert "per_channel" in rows["v_proj"] and "per_tensor" not in rows["v_proj"]
+
+
+def test_cache_tap_on_a_model_without_a_cache_suggests_proj(ws: Workspace) -> None:
+    torch.save(randn(2, 8), ws.data / "a.pt")
+    result = ws.run("--tap", "cache")
+    assert result.exit_code == 1
+    assert "layer k_proj" in result.stderr and "--tap proj" in result.stderr
+    assert not ws.record.exists()
+
+
+def test_auto_tap_on_a_plain_model_is_proj(ws: Workspace) -> None:
+    torch.save(randn(2, 8), ws.data / "a.pt")
+    report = ws.root / "report.json"
+    assert ws.run("--report", str(report)).exit_code == 0
+    assert {layer["tap"] for layer in json.loads(report.read_text())["layers"]} == {"proj"}

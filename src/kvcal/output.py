@@ -416,12 +416,20 @@ def calibration_progress(*, enabled: bool = True) -> Iterator[Callable[[int, int
         console=err_console,
     )
     task = progress.add_task("calibrate", total=None)
+    started = False
 
     def update(done: int, total: int) -> None:
+        nonlocal started
+        if not started:  # shown only once the first batch starts: errors before it stand alone
+            progress.start()
+            started = True
         progress.update(task, completed=done, total=total)
 
-    with progress:
+    try:
         yield update
+    finally:
+        if started:
+            progress.stop()
 
 
 def _percent(fraction: float) -> str:

@@ -112,9 +112,8 @@ def calibrate_from_files(
     target = resolve_device(device)
     _check_report_dir(report_path)
     dataset = open_dataset(dataset_dir, target)  # a bad dataset fails before a large model loads
-    outputs: dict[str, PathArg] = {"record": record_path}
-    if report_path is not None:
-        outputs["report"] = report_path
+    outputs: dict[str, PathArg] = {} if report_path is None else {"report": report_path}
+    outputs["record"] = record_path
     inputs = [("config", config_path), *(("data file", f) for f in dataset.files)]
     if checkpoint is not None:
         inputs.append(("checkpoint", checkpoint))
