@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# `make demo`: the whole kvcal flow on the small demo decoder, in a few seconds.
-#   demo data -> gen-config (configs/example.cfg) -> calibrate -> inspect-record,
-#   then a re-calibration with another config to show the overwrite report.
+# `make demo`: the whole kvcal flow in a few seconds.
+#   On the small demo decoder: demo data -> gen-config (configs/example.cfg) -> calibrate ->
+#   inspect-record, then a re-calibration with another config to show the overwrite report.
+#   On a tiny transformers Llama: kvcal layers -> gen-config (glob) -> calibrate with the
+#   cache tap (the default), then the proj tap (AMCT's semantics) as a dry run.
 # Everything lands in demo_out/ (git-ignored), recreated on each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,4 +45,19 @@ cp "$OUT/record.txt" "$OUT/record_example.txt"
 step "6. inspect-record --diff: the first calibration against the second"
 "$KVCAL" inspect-record "$OUT/record_example.txt" --diff "$OUT/record.txt"
 
-step "done: $OUT/config.json, $OUT/record.txt, $OUT/report.json"
+HF=scripts/demo_hf_model.py:build
+step "7. a transformers Llama (tiny, built locally): its Linear layers and which are K/V projections"
+"$KVCAL" layers --model "$HF"
+
+step "8. gen-config with a glob, then calibrate what its KV cache stores (the default tap: keys after RoPE)"
+"$PYTHON" scripts/demo_hf_model.py "$OUT/hf_data"
+"$KVCAL" gen-config --model "$HF" --quant-layers 'model.layers.*.self_attn.[kv]_proj' \
+    --algo hfmg --granularity per_channel --batch-num 2 -o "$OUT/hf_config.json"
+"$KVCAL" calibrate --model "$HF" --config "$OUT/hf_config.json" --dataset "$OUT/hf_data" \
+    --record "$OUT/hf_record.txt" --report "$OUT/hf_report.json" --device auto
+
+step "9. the same with AMCT's semantics (--tap proj: the k_proj/v_proj outputs), as a dry run"
+"$KVCAL" calibrate --model "$HF" --config "$OUT/hf_config.json" --dataset "$OUT/hf_data" \
+    --record "$OUT/hf_record.txt" --tap proj --dry-run --device auto
+
+step "done: $OUT/config.json, $OUT/record.txt, $OUT/report.json, $OUT/hf_record.txt, $OUT/hf_report.json"

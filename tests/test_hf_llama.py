@@ -143,7 +143,8 @@ def test_cli_gen_config_and_calibrate(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     record = tmp_path / "record.txt"
     result = runner.invoke(main, ["calibrate", "--model", entry, "--model-arg", "seed=0", "--config", str(config),
-                                  "--dataset", str(tmp_path / "data"), "--record", str(record), "--device", "cpu"])
+                                  "--dataset", str(tmp_path / "data"), "--record", str(record), "--device", "cpu",
+                                  "--tap", "proj"])
     assert result.exit_code == 0, result.output
     assert f"{len(KV_NAMES)} new, 0 changed, 0 unchanged; written" in result.stderr
     granularity = {name: 1 if name.endswith("v_proj") else 0 for name in KV_NAMES}
