@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kvcal.calibration.summary import CalibrationResult, summarize_layer
+from kvcal.calibration.summary import CalibrationResult, LayerSummary, summarize_layer
 from kvcal.calibration.taps import (
     ActiveTap,
     ObserverFeed,
@@ -28,6 +28,7 @@ from kvcal.device import resolve_device
 from kvcal.errors import CalibrationError, KvcalError, RecordError
 from kvcal.kv.plan import CalibrationPlan
 from kvcal.observers import Observer, make_observer
+from kvcal.quant import QParams
 from kvcal.record.changes import OverwriteReport
 from kvcal.record.store import load_or_empty, merge_kv_cache
 
@@ -139,6 +140,20 @@ def _run_batches(
     return files_run
 
 
+def _dataset_on(dataset_dir: str | os.PathLike[str] | Dataset, target: torch.device) -> Dataset:
+    if isinstance(dataset_dir, Dataset):
+        return dataclasses.replace(dataset_dir, device=target)
+    return open_dataset(dataset_dir, target)
+
+
+def _summaries(active: ActiveTap, results: Mapping[str, QParams]) -> tuple[LayerSummary, ...]:
+    feed = active.feed
+    return tuple(
+        summarize_layer(name, obs.settings, results[name], obs.batches_seen, feed.samples.get(name), active.tap)
+        for name, obs in feed.observers.items()
+    )
+
+
 def run_calibration(
     *,
     model: nn.Module,
@@ -172,10 +187,7 @@ def run_calibration(
         RecordError: an existing record that does not parse (see `force`) or cannot be written.
     """
     target = device if isinstance(device, torch.device) else resolve_device(device)
-    if isinstance(dataset_dir, Dataset):
-        dataset = dataclasses.replace(dataset_dir, device=target)
-    else:
-        dataset = open_dataset(dataset_dir, target)
+    dataset = _dataset_on(dataset_dir, target)
     if not record_checked:
         check_record_early(record_path, force=force)
     model.eval()
@@ -185,14 +197,8 @@ def run_calibration(
         problem = _incomplete_message(active.feed, plan.batch_num, len(files_run), len(dataset))
         if problem is not None:
             raise CalibrationError(problem)
-        feed = active.feed
-        results = {name: observer.compute().cpu() for name, observer in feed.observers.items()}
-        summaries = tuple(
-            summarize_layer(
-                name, observer.settings, results[name], observer.batches_seen, feed.samples.get(name), active.tap
-            )
-            for name, observer in feed.observers.items()
-        )
+        results = {name: observer.compute().cpu() for name, observer in active.feed.observers.items()}
+        summaries = _summaries(active, results)
 
     def result_of(report: OverwriteReport) -> CalibrationResult:
         return CalibrationResult(

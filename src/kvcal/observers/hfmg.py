@@ -156,16 +156,18 @@ class _Moments:
     The prefix table is int64 [3, C * (B + 1)] (row c holds 0 then the running sums).
     With a channel total below 2^31 (int32 counts) every sum below is exact in int64
     (at most 4 * total * B^2 < 2^60); results are cast to the work dtype only once they
-    are local (small) quantities.
+    are local (small) quantities. The counts themselves are kept in the work dtype too,
+    in the same [C * (B + 1)] layout with a 0 at index B.
     """
 
     def __init__(self, hist: Tensor, dtype: torch.dtype) -> None:
         channels, bins = hist.shape
+        device = hist.device
         self.bins = bins
         self.dtype = dtype
-        table = torch.empty(3, channels, bins + 1, dtype=torch.int64, device=hist.device)
+        table = torch.empty(3, channels, bins + 1, dtype=torch.int64, device=device)
         table[:, :, 0] = 0
-        i = torch.arange(bins, dtype=torch.int64, device=hist.device)
+        i = torch.arange(bins, dtype=torch.int64, device=device)
         torch.cumsum(hist, 1, out=table[0, :, 1:])
         weighted = hist * i
         torch.cumsum(weighted, 1, out=table[1, :, 1:])
@@ -173,7 +175,11 @@ class _Moments:
         torch.cumsum(weighted, 1, out=table[2, :, 1:])
         self.running = table[0]  # [C, B + 1] cumulative counts
         self.table = table.view(3, -1)
-        self.base = torch.arange(channels, device=hist.device) * (bins + 1)
+        self.base = torch.arange(channels, device=device) * (bins + 1)
+        padded = torch.zeros(channels, bins + 1, dtype=dtype, device=device)
+        padded[:, :bins] = hist  # exact integers: the same values as converting P[i + 1] - P[i]
+        self.padded = padded.view(-1)
+        self.edges = torch.arange(257, device=device)  # destination edges of `_inside_errors`
         self._host_rows: list[list[list[int]]] | None = None
 
     def host_rows(self) -> list[list[list[int]]]:
@@ -183,18 +189,21 @@ class _Moments:
         return self._host_rows
 
     def between(self, base: Tensor, start: Tensor, stop: Tensor, origin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Sums over bins [start, stop) of h, h*(i - origin), h*(i - origin)^2 (shapes broadcast)."""
-        lo_idx, hi_idx = base + start, base + stop
-        m0, m1, m2 = (_take(row, hi_idx) - _take(row, lo_idx) for row in self.table)
+        """Sums over bins [start, stop) of h, h*(i - origin), h*(i - origin)^2.
+
+        `start`, `stop` and `origin` have one shape; `base` broadcasts to it.
+        """
+        ends = torch.stack((base + stop, base + start))  # [2, ...]: one gather for both ends
+        sums = self.table.index_select(1, ends.view(-1)).view(3, 2, -1)
+        m0, m1, m2 = (sums[:, 0] - sums[:, 1]).view(3, *ends.shape[1:]).unbind(0)
+        # m2 - 2*o*m1 + o^2*m0 = m2 - o*(m1 + (m1 - o*m0)): the same int64 value.
         m1_local = m1 - origin * m0
-        m2_local = m2 - 2 * origin * m1 + origin * origin * m0
+        m2_local = m2 - origin * (m1 + m1_local)
         return m0.to(self.dtype), m1_local.to(self.dtype), m2_local.to(self.dtype)
 
     def counts(self, base: Tensor, index: Tensor) -> Tensor:
-        """h[index], 0 at index B (one past the last bin)."""
-        row = self.table[0]
-        after = torch.clamp(index + 1, max=self.bins)
-        return (_take(row, base + after) - _take(row, base + index)).to(self.dtype)
+        """h[index] in the work dtype, 0 at index B (one past the last bin); `base` broadcasts."""
+        return _take(self.padded, base + index)
 
 
 def _take(row: Tensor, index: Tensor) -> Tensor:
@@ -207,17 +216,18 @@ def _tail_errors(moments: _Moments, base: Tensor, left: Tensor, right: Tensor) -
 
     Uniform density inside each source bin: a bin with count h centred at m contributes
     `h * ((m - c)^2 + 1/12)` around the edge destination centre c. Offsets are taken from
-    the range ends, so the float terms are all positive: no cancellation.
+    the range ends, so the float terms are all positive: no cancellation. Both tails are
+    evaluated in one pass, stacked: the left one first, the right one after it.
     """
     half_d = (right - left + 1).to(moments.dtype) / (2 * 256)
-    # Left tail, around L + d/2: bin i's centre is at (i - L) + 1/2 - d/2.
-    m0, m1, m2 = moments.between(base, torch.zeros_like(left), left, left)
-    q = 0.5 - half_d
-    low = m2 + 2 * q * m1 + (q * q + 1.0 / 12) * m0
-    # Right tail, around R + 1 - d/2: bin i's centre is at (i - R - 1) + 1/2 + d/2.
-    m0, m1, m2 = moments.between(base, right + 1, torch.full_like(right, moments.bins), right + 1)
-    q = 0.5 + half_d
-    high = m2 + 2 * q * m1 + (q * q + 1.0 / 12) * m0
+    after = right + 1
+    # Left tail: bins [0, L) around L + d/2, bin i's centre at (i - L) + 1/2 - d/2.
+    # Right tail: bins (R, B) around R + 1 - d/2, bin i's centre at (i - R - 1) + 1/2 + d/2.
+    start = torch.cat((torch.zeros_like(left), after))
+    stop = torch.cat((left, torch.full_like(right, moments.bins)))
+    m0, m1, m2 = moments.between(torch.cat((base, base)), start, stop, torch.cat((left, after)))
+    q = torch.cat((0.5 - half_d, 0.5 + half_d))
+    low, high = (m2 + 2 * q * m1 + (q * q + 1.0 / 12) * m0).chunk(2)
     return low + high
 
 
@@ -233,22 +243,25 @@ def _inside_errors(moments: _Moments, base: Tensor, left: Tensor, right: Tensor)
     dtype = moments.dtype
     dst = 256
     n = right - left + 1
-    edge = left[:, None] * dst + torch.arange(dst + 1, device=left.device) * n[:, None]  # [X, 257]
+    edge = left[:, None] * dst + moments.edges * n[:, None]  # [X, 257]
     holder = edge >> 8  # the source bin that holds each destination edge
     first, last = holder[:, :-1], holder[:, 1:]
     base = base[:, None]
+    counts = moments.counts(base, holder)  # of `first` ([:, :-1]) and of `last` ([:, 1:])
     half = (n.to(dtype) / (2 * dst))[:, None]
+    cube = half**3
     centre = (edge[:, :-1].to(dtype) + half * dst) / dst  # dyadic: exact
+    start = first + 1
+    start_f = start.to(dtype)
     # Source bin `first`, from the destination edge to its own end or the destination end.
-    upto = torch.minimum((first + 1).to(dtype) - centre, half)
-    err = moments.counts(base, first) * (upto**3 + half**3) / 3
+    upto = torch.minimum(start_f - centre, half)
+    err = counts[:, :-1] * (upto**3 + cube) / 3
     # Source bin `last`, from its start to the destination end, when it is another bin.
     since = last.to(dtype) - centre
-    err += torch.where(last > first, moments.counts(base, last) * (half**3 - since**3) / 3, 0.0)
+    err += torch.where(last > first, counts[:, 1:] * (cube - since**3) / 3, 0.0)
     # Whole bins first + 1 .. last - 1, centred at (i - s) + delta from the destination centre.
-    start = first + 1
     m0, m1, m2 = moments.between(base, start, torch.maximum(last, start), start)
-    delta = start.to(dtype) + 0.5 - centre
+    delta = start_f + 0.5 - centre
     err += m2 + 2 * delta * m1 + (delta * delta + 1.0 / 12) * m0
     return err.sum(1)
 
