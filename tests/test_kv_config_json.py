@@ -175,7 +175,7 @@ def _hfmg(**extra: Any) -> dict[str, Any]:
         ({K_PROJ: []}, [f"layer '{K_PROJ}'", "must be an object"]),
         ({"": {"kv_data_quant_config": {}}}, ["empty layer name"]),
         ({K_PROJ: {"kv_data_quant_config": {}, "extra": 1}}, [f"layer '{K_PROJ}'", "unknown key 'extra'"]),
-        ({K_PROJ: {}}, [f"layer '{K_PROJ}'", "missing key 'kv_data_quant_config'"]),
+        ({K_PROJ: {}}, [f"layer '{K_PROJ}'", "the entry must have the key 'kv_data_quant_config'"]),
         ({K_PROJ: {"kv_data_quant_config": 3}}, [f"layer '{K_PROJ}'", "kv_data_quant_config must be an object"]),
         (_doc(act_algo="minmax"), ["act_algo must be 'ifmr' or 'hfmg', got 'minmax'"]),
         (_doc(act_algo=1), ["act_algo must be a str, 'ifmr' or 'hfmg', got 1"]),

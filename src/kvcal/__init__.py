@@ -9,15 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from kvcal.errors import (
-    CalibrationError,
-    ConfigError,
-    DatasetError,
-    DeviceError,
-    KvcalError,
-    ModelLoadError,
-    RecordError,
-)
+from kvcal.errors import CalibrationError, ConfigError, DatasetError, DeviceError, KvcalError, ModelLoadError
+from kvcal.errors import RecordError, RecordOverwriteWarning
 
 __version__ = "0.1.0"
 
@@ -27,19 +20,9 @@ _LAZY = {
     "create_quant_cali_config": "kvcal.kv.api",
 }
 
-__all__ = [
-    "__version__",
-    "QuantCalibrationOp",
-    "create_quant_cali_config",
-    "create_quant_cali_model",
-    "KvcalError",
-    "ConfigError",
-    "DatasetError",
-    "ModelLoadError",
-    "RecordError",
-    "CalibrationError",
-    "DeviceError",
-]
+__all__ = ["__version__", "QuantCalibrationOp", "create_quant_cali_config", "create_quant_cali_model"]
+__all__ += ["KvcalError", "ConfigError", "DatasetError", "ModelLoadError", "RecordError", "CalibrationError"]
+__all__ += ["DeviceError", "RecordOverwriteWarning"]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,10 +10,11 @@ names the file and layer.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
+from kvcal.errors import ConfigError
 from kvcal.quant import Granularity
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "HfmgParams",
     "AlgoParams",
     "QuantSettings",
+    "checked",
+    "only_key",
     "check_act_algo",
     "check_batch_num",
     "check_bool",
@@ -62,6 +65,31 @@ def _as_float(key: str, value: Any) -> float:
     if not math.isfinite(result):
         raise ValueError(f"{key} must be a finite number, got {value!r}")
     return result
+
+
+def checked(where: str, check: Callable[[Any], Any], value: Any) -> Any:
+    """`check(value)`, its TypeError/ValueError (which names the key) as a ConfigError prefixed with `where`."""
+    try:
+        return check(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def only_key(mapping: Any, key: str, what: str, *, container: str = "an object") -> Any:
+    """The value of a mapping whose one accepted key is `key`.
+
+    Raises:
+        TypeError: `mapping` is not a mapping.
+        ValueError: another key, or `key` missing.
+    """
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{what} must be {container} {{{key!r}: ...}}, got {type(mapping).__name__}")
+    unknown = [k for k in mapping if k != key]
+    if unknown:
+        raise ValueError(f"{what} has unknown key {unknown[0]!r}; the only accepted key is {key!r}")
+    if key not in mapping:
+        raise ValueError(f"{what} must have the key {key!r}")
+    return mapping[key]
 
 
 def check_bool(key: str, value: Any) -> bool:

@@ -18,7 +18,15 @@ from kvcal.kv.config_json import read_config, write_config
 from kvcal.kv.ops import write_layer
 from kvcal.kv.plan import CalibrationPlan
 from kvcal.observers import Observer
-from kvcal.params import Algo, HfmgParams, IfmrParams, check_act_algo, check_batch_num
+from kvcal.params import (
+    Algo,
+    HfmgParams,
+    IfmrParams,
+    check_act_algo,
+    check_batch_num,
+    checked,
+    only_key,
+)
 from kvcal.quant import Granularity
 
 __all__ = [
@@ -66,21 +74,14 @@ def generate_config(
         plan = plan_from_layers(
             quant_layers,
             model,
-            batch_num=_config_value("batch_num", check_batch_num, batch_num),
+            batch_num=checked("--batch-num", check_batch_num, batch_num),
             params=params,
-            granularity=_config_value("granularity", Granularity.parse, granularity),
+            granularity=checked("--granularity", Granularity.parse, granularity),
         )
     else:
         raise ValueError("give exactly one of cfg (a .cfg file) and quant_layers (a list of layer names)")
     write_config(plan, output)
     return plan
-
-
-def _config_value(what: str, check: Any, value: Any) -> Any:
-    try:
-        return check(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"--{what.replace('_', '-')}: {exc}") from None
 
 
 def _refuse_same_file(cfg: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
@@ -144,16 +145,7 @@ def create_quant_cali_config(
 
 
 def _layers_from_mapping(quant_layers: Any) -> list[str]:
-    if not isinstance(quant_layers, Mapping):
-        raise TypeError(
-            f"quant_layers must be a dict {{'{QUANT_LAYERS_KEY}': [names]}}, got {type(quant_layers).__name__}"
-        )
-    unknown = [key for key in quant_layers if key != QUANT_LAYERS_KEY]
-    if unknown:
-        raise ValueError(f"quant_layers has unknown key {unknown[0]!r}; the only accepted key is {QUANT_LAYERS_KEY!r}")
-    names = quant_layers.get(QUANT_LAYERS_KEY)
-    if names is None:
-        raise ValueError(f"quant_layers must have the key {QUANT_LAYERS_KEY!r}")
+    names = only_key(quant_layers, QUANT_LAYERS_KEY, "quant_layers", container="a dict")
     if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple)):
         raise TypeError(f"quant_layers[{QUANT_LAYERS_KEY!r}] must be a list of layer names, got {names!r}")
     return list(names)

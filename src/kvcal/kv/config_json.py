@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,14 @@ from kvcal.atomic import atomic_write
 from kvcal.errors import ConfigError
 from kvcal.floats import f32_value
 from kvcal.kv.plan import CalibrationPlan, LayerPlan, check_layers_in_model
-from kvcal.params import ALGO_KEYS, algo_params, check_act_algo, check_batch_num
+from kvcal.params import (
+    ALGO_KEYS,
+    algo_params,
+    check_act_algo,
+    check_batch_num,
+    checked,
+    only_key,
+)
 from kvcal.quant import Granularity
 from kvcal.textproto import read_text
 
@@ -131,7 +137,7 @@ def read_config(path: str | os.PathLike[str], model: nn.Module | None = None) ->
 def _plan_from_document(document: Any, source: str) -> CalibrationPlan:
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: the config must be a JSON object, got {type(document).__name__}")
-    batch_num = _checked(source, check_batch_num, document.get("batch_num", 1))
+    batch_num = checked(source, check_batch_num, document.get("batch_num", 1))
     activation_offset = document.get("activation_offset", True)
     if not isinstance(activation_offset, bool):
         raise ConfigError(f"{source}: key 'activation_offset' must be true or false, got {activation_offset!r}")
@@ -143,41 +149,24 @@ def _plan_from_document(document: Any, source: str) -> CalibrationPlan:
     return CalibrationPlan(batch_num=batch_num, activation_offset=activation_offset, layers=layers)
 
 
-def _checked(where: str, check: Callable[[Any], Any], value: Any) -> Any:
-    """`check(value)`, its TypeError/ValueError (which names the key) prefixed with `where`."""
-    try:
-        return check(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
 def _layer_from_entry(source: str, name: str, entry: Any) -> LayerPlan:
     where = f"{source}: layer {name!r}"
     if not name:
         raise ConfigError(f"{source}: empty layer name")
-    if not isinstance(entry, dict):
-        raise ConfigError(
-            f"{where}: the entry must be an object {{{LAYER_KEY!r}: {{...}}}}, got {json.dumps(entry)}"
-        )
-    unknown = [key for key in entry if key != LAYER_KEY]
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; the only accepted key is {LAYER_KEY!r}")
-    if LAYER_KEY not in entry:
-        raise ConfigError(f"{where}: missing key {LAYER_KEY!r}")
-    config = entry[LAYER_KEY]
+    config = checked(where, lambda e: only_key(e, LAYER_KEY, "the entry"), entry)
     where = f"{where}: {LAYER_KEY}"
     if not isinstance(config, dict):
         raise ConfigError(f"{where} must be an object, got {json.dumps(config)}")
-    algo = _checked(where, check_act_algo, config.get("act_algo", "ifmr"))
+    algo = checked(where, check_act_algo, config.get("act_algo", "ifmr"))
     search_range = config.get("search_range", [])
     if not isinstance(search_range, list):
         raise ConfigError(f"{where}: search_range must be a list of two numbers [start, end], got {search_range!r}")
-    params = _checked(where, lambda c: algo_params(algo, c, common_keys=_LEADING_KEYS + _TRAILING_KEYS), config)
+    params = checked(where, lambda c: algo_params(algo, c, common_keys=_LEADING_KEYS + _TRAILING_KEYS), config)
     granularity = config.get("quant_granularity", 0)
     # The writer always writes the integer; strings and bools are a wrong type here.
     if isinstance(granularity, bool) or not isinstance(granularity, int):
         raise ConfigError(f"{where}: quant_granularity must be the integer 0 or 1, got {granularity!r}")
-    granularity = _checked(where, Granularity.parse, granularity)
+    granularity = checked(where, Granularity.parse, granularity)
     asymmetric = config.get("asymmetric")
     if "asymmetric" in config and not isinstance(asymmetric, bool):
         raise ConfigError(f"{where}: asymmetric must be true or false, got {asymmetric!r}")

@@ -47,6 +47,9 @@ _FLOAT64_DEVICES = ("cpu", "cuda")
 # Up to this many channels on the CPU, the cursor rounds run on Python ints: each round
 # is then a few microseconds per channel instead of a dozen tensor dispatches.
 _HOST_ROUND_CHANNELS = 8
+# Past this many candidates to score, the search first scores one seed per channel to
+# lower the bound that decides which others need scoring; below, it scores them at once.
+_SEED_AFTER = 64
 
 
 def _work_dtype(device: torch.device) -> torch.dtype:
@@ -446,6 +449,18 @@ def _host_done(
     return done
 
 
+def _tensor_done(
+    moments: _Moments, width: Tensor, negative: Tensor, limit: Tensor
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The `done` of `search_clip_ranges` for `_Cursors.run`: beaten by `limit`, or error 0."""
+
+    def done(left: Tensor, right: Tensor) -> Tensor:
+        beaten = _lower_bounds(moments, moments.base, left, right) > limit
+        return beaten | (_zero_error(width, left, right) & ~negative)  # the first error 0 wins
+
+    return done
+
+
 def search_clip_ranges(hist: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """The clip range [clip_lo, clip_hi] of every channel: the candidate of least L2 error.
 
@@ -453,76 +468,94 @@ def search_clip_ranges(hist: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Te
     float64 where the device has it. Without negative counts, the tails of a candidate
     are a lower bound of its error; a candidate whose bound exceeds an error already
     known cannot win, is never scored inside, and ends its channel's rounds when the
-    bound only grows. Known errors: the first candidate's and the one the
-    uniform-density estimate prefers. `d < EPS` means error 0 (then, without negative
-    counts, nothing else can win, and the rounds must run to the end to find it).
+    bound only grows. Known errors: the first candidate's and, when many candidates
+    would be scored, the one the uniform-density estimate prefers. `d < EPS` means
+    error 0 (then, without negative counts, nothing else can win, and the rounds must
+    run to the end to find it).
 
     Returns:
         float32 [C] clip_lo and clip_hi.
     """
     channels, bins = hist.shape
     device = hist.device
-    dtype = _work_dtype(device)
     width = (hi - lo) / bins
-    moments = _Moments(hist, dtype)
+    moments = _Moments(hist, _work_dtype(device))
     cursors = _Cursors(moments)
-    base = moments.base
-
     negative = (hist < 0).any(1)  # then the tails are no lower bound: no pruning
-    may_be_zero = (width / 256) < EPS  # d < EPS for n = 1: d only grows with n
     first_left, first_right = cursors.round(*cursors.start())
-    first_err = _tail_errors(moments, base, first_left, first_right) + _inside_errors_chunked(
-        moments, base, first_left, first_right
+    first_err = _tail_errors(moments, moments.base, first_left, first_right) + _inside_errors_chunked(
+        moments, moments.base, first_left, first_right
     )
-    inf = float("inf")
     # Lower bounds may stop a channel only if no later candidate can have d < EPS (error 0).
-    limit = torch.where(~negative & ~may_be_zero, first_err + first_err.abs() * 1e-9, inf)
-
-    def done(left: Tensor, right: Tensor) -> Tensor:
-        beaten = _lower_bounds(moments, base, left, right) > limit
-        return beaten | (_zero_error(width, left, right) & ~negative)  # the first error 0 wins
-
+    may_be_zero = (width / 256) < EPS  # d < EPS for n = 1: d only grows with n
+    limit = torch.where(~negative & ~may_be_zero, first_err + first_err.abs() * 1e-9, float("inf"))
     if device.type == "cpu" and channels <= _HOST_ROUND_CHANNELS:
         left, right, valid = cursors.run_host(_host_done(moments, width, negative, limit))
     else:
-        left, right, valid = cursors.run(done)
+        left, right, valid = cursors.run(_tensor_done(moments, width, negative, limit))
+    errors = _candidate_errors(moments, width, negative, first_err, (left, right, valid))
+    best = errors.argmin(1, keepdim=True)  # first index on ties
+    best_left = left.gather(1, best).squeeze(1).to(torch.float32)
+    best_right = right.gather(1, best).squeeze(1).to(torch.float32)
+    return lo + best_left * width, lo + (best_right + 1) * width
 
-    n = right - left + 1
+
+def _candidate_errors(
+    moments: _Moments, width: Tensor, negative: Tensor, first_err: Tensor, rounds: tuple[Tensor, Tensor, Tensor]
+) -> Tensor:
+    """Errors [C, K] of the rounds' candidates (L, R, valid): exact for every candidate that
+    may win, inf for the others (and for invalid ones), 0 for `d < EPS`.
+
+    A candidate is scored when its tails do not exceed the least known error. With more
+    than `_SEED_AFTER` such candidates, one seed per channel is scored first to lower
+    that bound; fewer are cheaper to score at once. Either way every candidate whose
+    error can be the least is scored, so the result does not depend on that choice.
+    """
+    left, right, valid = rounds
     zero = valid & _zero_error(width[:, None], left, right)
-    tails = _tail_errors(moments, base[:, None], left, right)
-    open_ = valid & ~zero
     has_zero = zero.any(1)
-    # Seed: the candidate the uniform-density model likes best, scored exactly.
-    inside = (moments.running.gather(1, right + 1) - moments.running.gather(1, left)).to(dtype)
-    estimate = tails + inside * (n.to(dtype) / 256) ** 2 / 12
-    seed = torch.where(open_, estimate, inf).argmin(1)
-    seeded = (open_.any(1) & (~has_zero | negative)).nonzero().squeeze(1)
-    seed = seed[seeded]
-    seed_err = tails[seeded, seed] + _inside_errors_chunked(
-        moments, base[seeded], left[seeded, seed], right[seeded, seed]
+    open_ = valid & ~zero
+    tails = _tail_errors(moments, moments.base[:, None], left, right)
+    errors = torch.full_like(tails, float("inf"))
+    errors[:, 0] = first_err
+    keep = _worth_scoring(open_, tails, first_err, has_zero, negative)
+    if int(keep.sum()) > _SEED_AFTER:
+        seeded, seed = _seeds(moments, tails, (left, right, open_), ~has_zero | negative)
+        errors[seeded, seed] = tails[seeded, seed] + _inside_errors_chunked(
+            moments, moments.base[seeded], left[seeded, seed], right[seeded, seed]
+        )
+        keep = _worth_scoring(open_, tails, errors.amin(1), has_zero, negative)
+        keep[seeded, seed] = False
+    kept_c, kept_k = keep.nonzero().unbind(1)
+    errors[kept_c, kept_k] = tails[kept_c, kept_k] + _inside_errors_chunked(
+        moments, moments.base[kept_c], left[kept_c, kept_k], right[kept_c, kept_k]
     )
-    bound = torch.minimum(first_err, torch.full_like(first_err, inf).index_put((seeded,), seed_err))
+    errors = torch.where(zero, 0.0, errors)
+    return torch.where(valid, errors, float("inf"))
+
+
+def _worth_scoring(open_: Tensor, tails: Tensor, bound: Tensor, has_zero: Tensor, negative: Tensor) -> Tensor:
+    """bool [C, K]: the open candidates past the first whose tails do not exceed `bound` [C]
+    (all open ones where a count is negative, none where an error 0 is there)."""
     # A margin far above float64 noise keeps the pruning exact.
     keep = open_ & (tails <= (bound + bound.abs() * 1e-9)[:, None])
     keep = torch.where(has_zero[:, None], False, keep)  # an error 0 is there, nothing scores below
     keep = torch.where(negative[:, None], open_, keep)
     keep[:, 0] = False
-    keep[seeded, seed] = False
-    kept_c, kept_k = keep.nonzero().unbind(1)
-    kept_err = tails[kept_c, kept_k] + _inside_errors_chunked(
-        moments, base[kept_c], left[kept_c, kept_k], right[kept_c, kept_k]
-    )
+    return keep
 
-    errors = torch.full_like(tails, inf)
-    errors[:, 0] = first_err
-    errors[seeded, seed] = seed_err
-    errors[kept_c, kept_k] = kept_err
-    errors = torch.where(zero, 0.0, errors)
-    errors = torch.where(valid, errors, inf)
-    best = errors.argmin(1, keepdim=True)  # first index on ties
-    best_left = left.gather(1, best).squeeze(1).to(torch.float32)
-    best_right = right.gather(1, best).squeeze(1).to(torch.float32)
-    return lo + best_left * width, lo + (best_right + 1) * width
+
+def _seeds(moments: _Moments, tails: Tensor, candidates: tuple[Tensor, Tensor, Tensor], wanted: Tensor) -> tuple[Tensor, Tensor]:
+    """(channels, candidate index) of the seeds: in each `wanted` channel with an open
+    candidate, the open candidate the uniform-density model likes best."""
+    left, right, open_ = candidates
+    dtype = tails.dtype
+    n = right - left + 1
+    inside = (moments.running.gather(1, right + 1) - moments.running.gather(1, left)).to(dtype)
+    estimate = tails + inside * (n.to(dtype) / 256) ** 2 / 12
+    seed = torch.where(open_, estimate, float("inf")).argmin(1)
+    seeded = (open_.any(1) & wanted).nonzero().squeeze(1)
+    return seeded, seed[seeded]
 
 
 class HfmgObserver(Observer):
