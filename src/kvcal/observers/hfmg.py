@@ -23,6 +23,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -183,13 +184,10 @@ class _Moments:
         padded[:, :bins] = hist  # exact integers: the same values as converting P[i + 1] - P[i]
         self.padded = padded.view(-1)
         self.edges = torch.arange(257, device=device)  # destination edges of `_inside_errors`
-        self._host_rows: list[list[list[int]]] | None = None
 
-    def host_rows(self) -> list[list[list[int]]]:
-        """The prefix table as Python ints, [3][C][B + 1] (converted once, for the host rounds)."""
-        if self._host_rows is None:
-            self._host_rows = self.table.view(3, -1, self.bins + 1).tolist()
-        return self._host_rows
+    def host_rows(self) -> np.ndarray:
+        """The prefix table as an int64 array [3, C, B + 1] (CPU only: shares the memory)."""
+        return self.table.view(3, -1, self.bins + 1).numpy()
 
     def between(self, base: Tensor, start: Tensor, stop: Tensor, origin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Sums over bins [start, stop) of h, h*(i - origin), h*(i - origin)^2.
@@ -364,10 +362,9 @@ class _Cursors:
         `done` answers for channel c, and is asked on the same rounds.
         """
         channels = self.ahead.shape[0]
-        if self.ahead is self.moments.running:  # no negative count: both are P itself
-            ahead = behind = self.moments.host_rows()[0]
-        else:
-            ahead, behind = self.ahead.tolist(), self.behind.tolist()
+        # Rows as arrays sharing the tensors' memory: converting them to lists would cost
+        # more than the few rounds a search usually has.
+        ahead, behind = list(self.ahead.numpy()), list(self.behind.numpy())
         steps = self.step[:, 0].tolist()
         left, right = [0] * channels, [self.bins - 1] * channels
         active = [True] * channels
@@ -427,7 +424,7 @@ def _host_done(
     `_zero_error` itself, evaluated once for every n (skipped when not even n = 1 passes).
     """
     channels, bins = moments.running.shape[0], moments.bins
-    p0, p1, p2 = moments.host_rows()
+    rows = moments.host_rows()
     limits = limit.tolist()
     if bool(((width / 256) < EPS).any()):  # d < EPS for n = 1 somewhere
         n = torch.arange(1, bins + 1, device=width.device)
@@ -436,12 +433,11 @@ def _host_done(
         zero = [[False] * bins for _ in range(channels)]
 
     def done(c: int, left: int, right: int) -> bool:
-        s0, s1, s2 = p0[c], p1[c], p2[c]
         # Bins [0, L) about origin L, then bins (R, B) about origin R (see `_Moments.between`).
-        m0, m1, m2 = s0[left] - s0[0], s1[left] - s1[0], s2[left] - s2[0]
+        m0, m1, m2 = (rows[:, c, left] - rows[:, c, 0]).tolist()
         f0, f1, f2 = float(m0), float(m1 - left * m0), float(m2 - 2 * left * m1 + left * left * m0)
         low = f2 + f1 + f0 / 3
-        m0, m1, m2 = s0[bins] - s0[right + 1], s1[bins] - s1[right + 1], s2[bins] - s2[right + 1]
+        m0, m1, m2 = (rows[:, c, bins] - rows[:, c, right + 1]).tolist()
         f0, f1, f2 = float(m0), float(m1 - right * m0), float(m2 - 2 * right * m1 + right * right * m0)
         bound = low + f2 - f1 + f0 / 3
         return bound > limits[c] or zero[c][right - left]
