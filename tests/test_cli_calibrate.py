@@ -332,7 +332,7 @@ def test_fewer_batches_than_batch_num(tmp_path: Path) -> None:
     ws = Workspace(tmp_path, make_plan(batch_num=3))
     torch.save(randn(2, 8), ws.data / "a.pt")
     torch.save(randn(2, 8), ws.data / "b.pt")
-    assert_fails(ws, "fewer batches than batch_num=3", "'k_proj' saw 2 of 3", "'v_proj' saw 2 of 3")
+    assert_fails(ws, "has 2 data file(s); batch_num asks for 3 (one batch per file)")
 
 
 def test_layer_that_never_ran(tmp_path: Path) -> None:
@@ -374,7 +374,7 @@ def test_pickled_data_file_is_refused_and_not_executed(ws: Workspace) -> None:
 
 
 def test_empty_dataset(ws: Workspace) -> None:
-    (ws.data / "readme.txt").write_text("x")
+    (ws.data / "readme.md").write_text("x")
     assert_fails(ws, "has no data file")
 
 
@@ -549,3 +549,66 @@ def test_auto_tap_on_a_plain_model_is_proj(ws: Workspace) -> None:
     report = ws.root / "report.json"
     assert ws.run("--report", str(report)).exit_code == 0
     assert {layer["tap"] for layer in json.loads(report.read_text())["layers"]} == {"proj"}
+
+
+# ------------------------------------------------------------------ failures before the model loads
+
+SPY_MODEL = """
+import pathlib
+import torch
+
+def build():
+    pathlib.Path(__file__).with_name("MODEL_WAS_BUILT").write_text("yes")
+    return torch.nn.Linear(8, 6)
+"""
+
+
+@pytest.fixture
+def spy(ws: Workspace) -> Workspace:
+    ws.model_file.write_text(SPY_MODEL, encoding="utf-8")
+    return ws
+
+
+def assert_fails_before_loading(ws: Workspace, fragment: str, *extra: str) -> None:
+    result = ws.run(*extra)
+    assert result.exit_code == 1, result.output
+    assert fragment in " ".join(result.stderr.split())
+    assert not (ws.root / "MODEL_WAS_BUILT").exists()
+    assert "calibrating" not in result.stderr  # no progress bar before a batch starts
+
+
+def test_too_few_batches_fails_before_loading(spy: Workspace) -> None:
+    spy.plan = make_plan(batch_num=2)
+    write_config(spy.plan, spy.config)
+    torch.save(randn(2, 8), spy.data / "a.pt")
+    assert_fails_before_loading(spy, "has 1 data file(s); batch_num asks for 2")
+
+
+def test_record_in_a_read_only_directory_fails_before_loading(spy: Workspace, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories")
+    torch.save(randn(2, 8), spy.data / "a.pt")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert_fails_before_loading(spy, "is not writable", "--record", str(locked / "r.txt"))
+    finally:
+        locked.chmod(0o755)
+
+
+def test_unlockable_record_fails_before_loading(spy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvcal.record.store
+
+    def refuse(fd: int) -> bool:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(kvcal.record.store, "_try_lock", refuse)
+    torch.save(randn(2, 8), spy.data / "a.pt")
+    assert_fails_before_loading(spy, "cannot lock")
+
+
+def test_bad_config_fails_before_loading(spy: Workspace) -> None:
+    torch.save(randn(2, 8), spy.data / "a.pt")
+    spy.config.write_text("{", encoding="utf-8")
+    assert_fails_before_loading(spy, "invalid JSON")

@@ -225,3 +225,14 @@ def test_skipped_files_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'labels.csv'}: skipped, not a supported data file (.pt, .pth, .npy, .npz, .safetensors)"
     ]
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", bytes(range(7, 107))])
+def test_a_torch_extension_on_another_kind_of_file_says_so(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "a.pt"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError) as info:
+        load_batch(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a torch file: torch.save writes a zip archive or a pickle")
+    assert "pickled Python objects" not in message

@@ -73,6 +73,31 @@ def model_options(func: F) -> F:
     return func
 
 
+def text_options(func: F) -> F:
+    """--tokenizer, --text-field, --seq-len, --batch-size and --num-samples: how text datasets are batched."""
+    func = click.option(
+        "--num-samples", type=click.IntRange(min=1), default=None,
+        help="Text: use at most this many samples (default: as many as batch_num batches need).",
+    )(func)
+    func = click.option(
+        "--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+        help="Text: samples per batch.",
+    )(func)
+    func = click.option(
+        "--seq-len", type=click.IntRange(min=1), default=512, show_default=True,
+        help="Text: each sample is truncated to this many tokens; batches are right-padded (padding is masked).",
+    )(func)
+    func = click.option(
+        "--text-field", default="text", show_default=True, help="Text: the field of a .jsonl/.json record to use."
+    )(func)
+    func = click.option(
+        "--tokenizer", type=click.Path(file_okay=False), default=None, metavar="DIR",
+        help="Text: a local transformers tokenizer directory (default: the model directory of a "
+        "'...from_pretrained' --model).",
+    )(func)
+    return func
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors (same as KVCAL_DEBUG=1).")
 @click.version_option(package_name="kvcal")
@@ -226,9 +251,10 @@ def layers_command(model_entry: str, model_args: tuple[str, ...], checkpoint: st
     "--dataset",
     "dataset_dir",
     required=True,
-    type=click.Path(file_okay=False),
-    metavar="DIR",
-    help="Directory of data files (.pt/.pth/.npy/.npz/.safetensors), one batch each, in file-name order.",
+    type=click.Path(),
+    metavar="PATH",
+    help="Directory of data files (.pt/.pth/.npy/.npz/.safetensors), one batch each, in file-name order; "
+    "or text: a .jsonl/.json/.txt file or a directory of them, tokenized with --tokenizer.",
 )
 @click.option(
     "--record",
@@ -253,6 +279,7 @@ def layers_command(model_entry: str, model_args: tuple[str, ...], checkpoint: st
     help="What to observe: 'cache' = the keys/values a transformers KV cache stores (after RoPE and "
     "q/k norm); 'proj' = the Linear output (AMCT's semantics); 'auto' = cache when the model writes one.",
 )
+@text_options
 @click.option("--dry-run", is_flag=True, help="Calibrate and report, but write no record.")
 @click.option(
     "--report",
@@ -276,6 +303,11 @@ def calibrate_command(
     record_path: str,
     device: str,
     tap: str,
+    tokenizer: str | None,
+    text_field: str,
+    seq_len: int,
+    batch_size: int,
+    num_samples: int | None,
     dry_run: bool,
     report_path: str | None,
     quiet: bool,
@@ -294,6 +326,7 @@ def calibrate_command(
           --dataset demo_out/data --record record.txt --report report.json
     """
     from kvcal.calibration.job import calibrate_from_files
+    from kvcal.text_data import TextOptions
     from kvcal.output import (
         calibration_progress,
         library_warnings,
@@ -311,6 +344,7 @@ def calibrate_command(
             record_path=record_path,
             device=device,
             tap=tap,
+            text=TextOptions(tokenizer, text_field, seq_len, batch_size, num_samples),
             dry_run=dry_run,
             force=force,
             report_path=report_path,
@@ -362,6 +396,63 @@ def inspect_record_command(record: str, layers: tuple[str, ...], as_json: bool, 
         click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, allow_nan=False))
     else:
         render_inspection(result)
+
+
+# --- export ---
+
+
+@main.command("export")
+@click.argument("record", type=click.Path(dir_okay=False), metavar="RECORD")
+@click.option(
+    "--model-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    metavar="HF_DIR",
+    help="The Hugging Face model directory the record was calibrated on (*.safetensors or pytorch_model.bin).",
+)
+@click.option(
+    "--format",
+    "export_format",
+    required=True,
+    type=click.Choice(["vllm-ascend"]),
+    help="What to write: vllm-ascend = a directory vllm-ascend serves with its INT8 (C8) KV cache.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(),
+    metavar="OUT_DIR",
+    help="Directory to create (written beside it, then renamed into place; left untouched on error).",
+)
+@click.option(
+    "--allow-offset",
+    is_flag=True,
+    help="Export non-zero (asymmetric) offsets; only for an engine that applies kv_cache_offset.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT_DIR when it exists and is not empty (once the export is complete).")
+@handle_errors
+def export_command(
+    record: str, model_dir: str, export_format: str, output: str, allow_offset: bool, force: bool
+) -> None:
+    """Write the model with the record's KV-cache factors in the layout a serving engine loads.
+
+    vllm-ascend: the weights unchanged, plus kv_cache_scale / kv_cache_offset per K/V layer,
+    and quant_model_description.json (C8). Calibrate symmetric (activation_offset: false)
+    with the cache tap: the C8 cache applies the scale only, to keys after RoPE.
+
+    \b
+    Example:
+      kvcal export record.txt --model-dir /models/llama --format vllm-ascend -o /models/llama-c8
+      vllm serve /models/llama-c8 --quantization ascend
+    """
+    from kvcal.export.vllm_ascend import export_vllm_ascend
+    from kvcal.output import render_export
+
+    result = export_vllm_ascend(
+        record=record, model_dir=model_dir, output=output, allow_offset=allow_offset, force=force
+    )
+    render_export(result)
 
 
 if __name__ == "__main__":  # pragma: no cover

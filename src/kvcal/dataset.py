@@ -138,7 +138,13 @@ def _load_torch(path: Path) -> Any:
     try:
         return load_torch(path)
     except TensorFileError as exc:
-        hint = "; save plain tensors, lists/tuples or dicts of tensors" if "pickled" in str(exc) else ""
+        text = str(exc)
+        if text.startswith("not a torch file"):
+            hint = "; write data files with torch.save, or use .npy/.npz/.safetensors"
+        elif "pickled" in text:
+            hint = "; save plain tensors, lists/tuples or dicts of tensors"
+        else:
+            hint = ""
         raise DatasetError(f"{path}: {exc}{hint}") from exc
 
 

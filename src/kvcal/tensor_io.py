@@ -20,6 +20,7 @@ from kvcal.messages import first_line
 __all__ = ["OPEN_ERRORS", "TensorFileError", "load_torch", "load_safetensors"]
 
 OPEN_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class TensorFileError(Exception):
@@ -30,9 +31,17 @@ def load_torch(path: str | Path) -> Any:
     """`torch.load(path, map_location="cpu", weights_only=True)`.
 
     Raises:
-        TensorFileError: the file holds other pickled objects than tensors and containers,
-            or is truncated or malformed.
+        TensorFileError: the file is not a torch file at all, holds other pickled objects
+            than tensors and containers, or is truncated or malformed.
     """
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    # torch.save writes a zip archive; its legacy format is a pickle (protocol byte 0x80).
+    if not head.startswith((_ZIP_MAGIC, b"\x80")):
+        raise TensorFileError(
+            "not a torch file: torch.save writes a zip archive or a pickle, this file starts with "
+            f"{head!r}"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except OPEN_ERRORS:

@@ -8,6 +8,7 @@ both as they were.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,11 +26,12 @@ from kvcal.calibration.runner import (
 )
 from kvcal.calibration.summary import CalibrationResult
 from kvcal.calibration.taps import Tap
-from kvcal.dataset import open_dataset
 from kvcal.device import resolve_device
 from kvcal.errors import KvcalError
 from kvcal.kv.config_json import read_config
+from kvcal.kv.plan import check_layers_in_model
 from kvcal.model_loader import load_model
+from kvcal.text_data import TextOptions, open_data
 
 __all__ = ["calibrate_from_files", "check_distinct_paths", "report_json"]
 
@@ -89,6 +91,21 @@ def _check_report_dir(report_path: PathArg | None) -> None:
         raise KvcalError(f"cannot write report {os.fspath(report_path)}: directory {parent} does not exist")
 
 
+def default_tokenizer(model_entry: str, model_args: tuple[str, ...] | list[str]) -> str | None:
+    """The model directory of a `...from_pretrained` entry point (its first bare --model-arg), if any."""
+    if not model_entry.endswith("from_pretrained"):
+        return None
+    bare = [arg for arg in model_args if "=" not in arg]
+    return bare[0] if bare and Path(bare[0]).is_dir() else None
+
+
+def _check_paths(record_path: PathArg, report_path: PathArg | None, inputs: list[tuple[str, PathArg]]) -> None:
+    _check_report_dir(report_path)
+    outputs: dict[str, PathArg] = {} if report_path is None else {"report": report_path}
+    outputs["record"] = record_path
+    check_distinct_paths(outputs, inputs)
+
+
 def calibrate_from_files(
     *,
     model_entry: str,
@@ -99,28 +116,34 @@ def calibrate_from_files(
     record_path: PathArg,
     device: str = "auto",
     tap: Tap | str = Tap.AUTO,
+    text: TextOptions | None = None,
     dry_run: bool = False,
     force: bool = False,
     report_path: PathArg | None = None,
     progress: ProgressCallback | None = None,
 ) -> CalibrationResult:
-    """`kvcal calibrate`: check the paths, load the dataset listing, the model and config, run.
+    """`kvcal calibrate`: every check that needs no model first, then load the model and run.
+
+    Before the model loads: the device, the config (parsed; its layers are checked against
+    the model after), the dataset (it must give `batch_num` batches; text is read and the
+    tokenizer loaded), the output paths, and the record (writable, lockable, parsable).
 
     Raises:
         KvcalError: any bad input, before the model is loaded wherever it can be known then.
     """
     target = resolve_device(device)
-    _check_report_dir(report_path)
-    dataset = open_dataset(dataset_dir, target)  # a bad dataset fails before a large model loads
-    outputs: dict[str, PathArg] = {} if report_path is None else {"report": report_path}
-    outputs["record"] = record_path
+    plan = read_config(config_path)
+    options = text or TextOptions()
+    if options.tokenizer is None:
+        options = dataclasses.replace(options, tokenizer=default_tokenizer(model_entry, model_args))
+    dataset = open_data(dataset_dir, options, needed_batches=plan.batch_num, device=target)
     inputs = [("config", config_path), *(("data file", f) for f in dataset.files)]
     if checkpoint is not None:
         inputs.append(("checkpoint", checkpoint))
-    check_distinct_paths(outputs, inputs)
-    check_record_early(record_path, force=force)
+    _check_paths(record_path, report_path, inputs)
+    check_record_early(record_path, force=force, dry_run=dry_run)
     model = load_model(model_entry, tuple(model_args), checkpoint)
-    plan = read_config(config_path, model)
+    check_layers_in_model(plan.layer_names, model, os.fspath(config_path))
     _warn_about_proj_tap(model, Tap(tap))
     report_file = None if report_path is None else Path(report_path)
     return run_calibration(

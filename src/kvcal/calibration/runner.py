@@ -30,7 +30,8 @@ from kvcal.kv.plan import CalibrationPlan
 from kvcal.observers import Observer, make_observer
 from kvcal.quant import QParams
 from kvcal.record.changes import OverwriteReport
-from kvcal.record.store import load_or_empty, merge_kv_cache
+from kvcal.record.store import check_writable, load_or_empty, merge_kv_cache
+from kvcal.text_data import TextDataset
 
 __all__ = [
     "ProgressCallback",
@@ -95,12 +96,18 @@ def _incomplete_message(feed: ObserverFeed, batch_num: int, files_run: int, file
     return "; ".join(parts) + "; nothing was written"
 
 
-def check_record_early(record_path: str | os.PathLike[str], *, force: bool) -> None:
-    """Fail before the forward passes on a record that cannot take the result."""
+def check_record_early(record_path: str | os.PathLike[str], *, force: bool, dry_run: bool = False) -> None:
+    """Fail before the forward passes on a record that cannot take the result.
+
+    Unless `dry_run`, the record must be writable and lockable; unless `force`, an
+    existing record must parse.
+    """
     source = os.fspath(record_path)
     parent = Path(source).parent
     if not parent.is_dir():
         raise RecordError(f"cannot write record {source}: directory {parent} does not exist")
+    if not dry_run:
+        check_writable(source)
     if not force:
         # The merge parses it again under the lock; this only saves a wasted calibration.
         try:
@@ -112,7 +119,7 @@ def check_record_early(record_path: str | os.PathLike[str], *, force: bool) -> N
 
 
 def _run_batches(
-    model: nn.Module, dataset: Dataset, active: ActiveTap, batch_num: int, progress: ProgressCallback | None
+    model: nn.Module, dataset: Dataset | TextDataset, active: ActiveTap, batch_num: int, progress: ProgressCallback | None
 ) -> list[Path]:
     """Call the model on each batch until every layer is complete; the files used."""
     files_run: list[Path] = []
@@ -140,8 +147,8 @@ def _run_batches(
     return files_run
 
 
-def _dataset_on(dataset_dir: str | os.PathLike[str] | Dataset, target: torch.device) -> Dataset:
-    if isinstance(dataset_dir, Dataset):
+def _dataset_on(dataset_dir: str | os.PathLike[str] | Dataset | TextDataset, target: torch.device) -> Dataset | TextDataset:
+    if isinstance(dataset_dir, (Dataset, TextDataset)):
         return dataclasses.replace(dataset_dir, device=target)
     return open_dataset(dataset_dir, target)
 
@@ -158,7 +165,7 @@ def run_calibration(
     *,
     model: nn.Module,
     plan: CalibrationPlan,
-    dataset_dir: str | os.PathLike[str] | Dataset,
+    dataset_dir: str | os.PathLike[str] | Dataset | TextDataset,
     record_path: str | os.PathLike[str],
     device: torch.device | str = "cpu",
     tap: Tap | str = Tap.PROJ,
@@ -189,7 +196,7 @@ def run_calibration(
     target = device if isinstance(device, torch.device) else resolve_device(device)
     dataset = _dataset_on(dataset_dir, target)
     if not record_checked:
-        check_record_early(record_path, force=force)
+        check_record_early(record_path, force=force, dry_run=dry_run)
     model.eval()
     model.to(target)
     with attach_observers(model, plan, tap=Tap(tap), keep_sample=True) as active, torch.inference_mode():

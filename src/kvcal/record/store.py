@@ -67,6 +67,7 @@ __all__ = [
     "parse_record",
     "format_record",
     "merge_kv_cache",
+    "check_writable",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -267,6 +268,35 @@ def _target(path: PathLike) -> tuple[Path, str]:
     if target.is_dir():
         raise RecordError(f"record file {source} is a directory")
     return target, source
+
+
+def check_writable(path: PathLike) -> None:
+    """Fail now, not after the forward passes, on a record that could not be written.
+
+    The directory must exist and be writable, the record must not be a directory, and its
+    `.lock` file must be creatable and lockable (another writer holding it is fine: the
+    merge waits for it).
+
+    Raises:
+        RecordError: naming the record and the reason.
+    """
+    target, source = _target(path)
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise RecordError(f"cannot write record {source}: directory {target.parent} is not writable")
+    lock_path = target.with_name(target.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        raise RecordError(f"cannot create lock file {lock_path} for {source}: {exc.strerror or exc}") from exc
+    try:
+        if _try_lock(fd):
+            _unlock(fd)
+    except OSError as exc:
+        raise RecordError(
+            f"cannot lock {lock_path} (the file system may not support locks): {exc.strerror or exc}"
+        ) from exc
+    finally:
+        os.close(fd)
 
 
 def _free_backup(target: Path) -> Path:
