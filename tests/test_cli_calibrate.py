@@ -584,17 +584,22 @@ def test_too_few_batches_fails_before_loading(spy: Workspace) -> None:
     assert_fails_before_loading(spy, "has 1 data file(s); batch_num asks for 2")
 
 
-def test_record_in_a_read_only_directory_fails_before_loading(spy: Workspace, tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root writes into read-only directories")
+def test_record_in_a_read_only_directory_fails_before_loading(
+    spy: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     torch.save(randn(2, 8), spy.data / "a.pt")
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        assert_fails_before_loading(spy, "is not writable", "--record", str(locked / "r.txt"))
-    finally:
-        locked.chmod(0o755)
+    real_access = os.access
+
+    def access(path: Any, mode: int, **kwargs: Any) -> bool:
+        # As for a user without write permission there (root bypasses real permissions).
+        if Path(path) == locked and mode & os.W_OK:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    assert_fails_before_loading(spy, f"directory {locked} is not writable", "--record", str(locked / "r.txt"))
 
 
 def test_unlockable_record_fails_before_loading(spy: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -612,3 +617,45 @@ def test_bad_config_fails_before_loading(spy: Workspace) -> None:
     torch.save(randn(2, 8), spy.data / "a.pt")
     spy.config.write_text("{", encoding="utf-8")
     assert_fails_before_loading(spy, "invalid JSON")
+
+
+# ------------------------------------------------------------------ never a traceback
+
+UNMOVABLE_MODEL = """
+import torch
+
+class Unmovable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.k_proj = torch.nn.Linear(8, 6)
+        self.v_proj = torch.nn.Linear(8, 6)
+
+    def to(self, *args, **kwargs):
+        raise RuntimeError("device busy")
+
+    def forward(self, x):
+        return self.k_proj(x) + self.v_proj(x)
+
+def build():
+    return Unmovable()
+"""
+
+
+def test_a_failing_placement_is_one_error_line(ws: Workspace) -> None:
+    ws.model_file.write_text(UNMOVABLE_MODEL, encoding="utf-8")
+    torch.save(randn(2, 8), ws.data / "a.pt")
+    assert_fails(ws, "placing the model on cpu failed: RuntimeError: device busy")
+
+
+def test_an_unexpected_exception_is_one_error_line(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvcal.calibration.job
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("something nobody planned for")
+
+    monkeypatch.setattr(kvcal.calibration.job, "run_calibration", broken)
+    torch.save(randn(2, 8), ws.data / "a.pt")
+    result = assert_fails(ws, "unexpected RuntimeError: something nobody planned for")
+    assert "Traceback" not in result.stderr
+    debug = CliRunner().invoke(main, ["--debug", *ws.args()])
+    assert isinstance(debug.exception, RuntimeError)

@@ -43,6 +43,16 @@ def handle_errors(func: F) -> F:
 
             print_error("interrupted; nothing was written")
             ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException):
+            raise
+        except Exception as exc:
+            # Nothing the library knows to name: still one line, never a traceback.
+            if _debug_enabled(ctx):
+                raise
+            from kvcal.output import print_error
+
+            print_error(f"unexpected {type(exc).__name__}: {exc} (kvcal --debug shows where)")
+            ctx.exit(1)
 
     return wrapper  # type: ignore[return-value]
 

@@ -151,7 +151,7 @@ def calibrate_from_files(
         plan=plan,
         dataset_dir=dataset,
         record_path=record_path,
-        device=target,
+        device=device,
         tap=Tap(tap),
         dry_run=dry_run,
         force=force,

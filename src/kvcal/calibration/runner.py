@@ -25,6 +25,7 @@ from kvcal.calibration.taps import (
 )
 from kvcal.dataset import Dataset, open_dataset
 from kvcal.device import resolve_device
+from kvcal.placement import place_model
 from kvcal.errors import CalibrationError, KvcalError, RecordError
 from kvcal.kv.plan import CalibrationPlan
 from kvcal.observers import Observer, make_observer
@@ -177,7 +178,9 @@ def run_calibration(
 ) -> CalibrationResult:
     """Calibrate every layer of `plan` on the data files of `dataset_dir`, then write the record.
 
-    The model is put in eval mode and moved to `device`; batches run under
+    The model is put in eval mode and moved to `device` ("auto": NPU, else CUDA, else
+    CPU); a model dispatched by accelerate (`device_map`) is left where it is, its
+    batches going to its input embedding's device. Batches run under
     `torch.inference_mode()` until every layer has `batch_num` batches (later files are
     not read). `tap` chooses what is observed (`proj`: the Linear output, AMCT's
     semantics; `cache`: what the KV cache stores; `auto`). Padded positions
@@ -193,12 +196,13 @@ def run_calibration(
         ConfigError: a plan layer that is not a Linear of the model, or that the tap cannot map.
         RecordError: an existing record that does not parse (see `force`) or cannot be written.
     """
-    target = device if isinstance(device, torch.device) else resolve_device(device)
-    dataset = _dataset_on(dataset_dir, target)
+    if not isinstance(device, torch.device):
+        resolve_device(device)  # an unavailable device fails before anything is read
     if not record_checked:
         check_record_early(record_path, force=force, dry_run=dry_run)
     model.eval()
-    model.to(target)
+    target = place_model(model, device)
+    dataset = _dataset_on(dataset_dir, target)
     with attach_observers(model, plan, tap=Tap(tap), keep_sample=True) as active, torch.inference_mode():
         files_run = _run_batches(model, dataset, active, plan.batch_num, progress)
         problem = _incomplete_message(active.feed, plan.batch_num, len(files_run), len(dataset))
