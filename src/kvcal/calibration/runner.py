@@ -25,10 +25,10 @@ from kvcal.calibration.taps import (
 )
 from kvcal.dataset import Dataset, open_dataset
 from kvcal.device import resolve_device
-from kvcal.placement import place_model
 from kvcal.errors import CalibrationError, KvcalError, RecordError
 from kvcal.kv.plan import CalibrationPlan
 from kvcal.observers import Observer, make_observer
+from kvcal.placement import place_model
 from kvcal.quant import QParams
 from kvcal.record.changes import OverwriteReport
 from kvcal.record.store import check_writable, load_or_empty, merge_kv_cache
@@ -120,7 +120,11 @@ def check_record_early(record_path: str | os.PathLike[str], *, force: bool, dry_
 
 
 def _run_batches(
-    model: nn.Module, dataset: Dataset | TextDataset, active: ActiveTap, batch_num: int, progress: ProgressCallback | None
+    model: nn.Module,
+    dataset: Dataset | TextDataset,
+    active: ActiveTap,
+    batch_num: int,
+    progress: ProgressCallback | None,
 ) -> list[Path]:
     """Call the model on each batch until every layer is complete; the files used."""
     files_run: list[Path] = []
@@ -148,7 +152,9 @@ def _run_batches(
     return files_run
 
 
-def _dataset_on(dataset_dir: str | os.PathLike[str] | Dataset | TextDataset, target: torch.device) -> Dataset | TextDataset:
+def _dataset_on(
+    dataset_dir: str | os.PathLike[str] | Dataset | TextDataset, target: torch.device
+) -> Dataset | TextDataset:
     if isinstance(dataset_dir, (Dataset, TextDataset)):
         return dataclasses.replace(dataset_dir, device=target)
     return open_dataset(dataset_dir, target)
