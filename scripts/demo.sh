@@ -4,6 +4,7 @@
 #   inspect-record, then a re-calibration with another config to show the overwrite report.
 #   On a tiny transformers Llama: kvcal layers -> gen-config (glob) -> calibrate with the
 #   cache tap (the default), then the proj tap (AMCT's semantics) as a dry run.
+#   On a small CNN: the whole-network PTQ config (gen-config --ptq).
 # Everything lands in demo_out/ (git-ignored), recreated on each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,4 +61,10 @@ step "9. the same with AMCT's semantics (--tap proj: the k_proj/v_proj outputs),
 "$KVCAL" calibrate --model "$HF" --config "$OUT/hf_config.json" --dataset "$OUT/hf_data" \
     --record "$OUT/hf_record.txt" --tap proj --dry-run --device auto
 
-step "done: $OUT/config.json, $OUT/record.txt, $OUT/report.json, $OUT/hf_record.txt, $OUT/hf_report.json"
+CNN=scripts/demo_cnn_model.py:build
+step "10. PTQ (whole network): a small CNN, configs/ptq_example.cfg -> $OUT/ptq_config.json"
+"$PYTHON" scripts/demo_cnn_model.py "$OUT/cnn_data"
+"$KVCAL" gen-config --ptq --model "$CNN" --dataset "$OUT/cnn_data" --cfg configs/ptq_example.cfg \
+    -o "$OUT/ptq_config.json"
+
+step "done: $OUT/config.json, $OUT/record.txt, $OUT/report.json, $OUT/hf_record.txt, $OUT/hf_report.json, $OUT/ptq_config.json"

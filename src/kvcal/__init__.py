@@ -1,7 +1,8 @@
 """kvcal: INT8 KV-cache calibration (IFMR / HFMG) for PyTorch models, AMCT-compatible.
 
 The AMCT-style API: `create_quant_cali_config`, `create_quant_cali_model`,
-`QuantCalibrationOp`. They are imported on first use, so `import kvcal` stays light.
+`QuantCalibrationOp`, and for whole-network PTQ `create_quant_config`. They are imported
+on first use, so `import kvcal` stays light.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ _LAZY = {
     "QuantCalibrationOp": "kvcal.kv.ops",
     "create_quant_cali_model": "kvcal.kv.api",
     "create_quant_cali_config": "kvcal.kv.api",
+    "create_quant_config": "kvcal.ptq.api",
 }
 
 __all__ = ["__version__", "QuantCalibrationOp", "create_quant_cali_config", "create_quant_cali_model"]
 __all__ += ["KvcalError", "ConfigError", "DatasetError", "ModelLoadError", "RecordError", "CalibrationError"]
 __all__ += ["DeviceError", "RecordOverwriteWarning"]
+__all__ += ["create_quant_config"]
 
 
 def __getattr__(name: str) -> Any:

@@ -137,7 +137,8 @@ def main(ctx: click.Context, debug: bool) -> None:
     type=click.Path(dir_okay=False),
     default=None,
     metavar="QUANT.cfg",
-    help="Simple config (protobuf text format, AMCTQuantCaliConfig) naming the layers and their settings.",
+    help="Simple config (protobuf text format, AMCTQuantCaliConfig) naming the layers and their settings; "
+    "with --ptq, a PTQ simple config (AMCTConfig).",
 )
 @click.option(
     "--quant-layers",
@@ -150,7 +151,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     "--batch-num",
     type=click.IntRange(min=1),
     default=None,
-    help="With --quant-layers: batches per layer (default 1).",
+    help="With --quant-layers or --ptq (without --cfg): batches per layer (default 1).",
 )
 @click.option(
     "--algo",
@@ -163,6 +164,33 @@ def main(ctx: click.Context, debug: bool) -> None:
     type=click.Choice(["per_tensor", "per_channel"]),
     default=None,
     help="With --quant-layers: one scale per layer or per channel (default per_tensor).",
+)
+@click.option(
+    "--ptq",
+    is_flag=True,
+    help="Whole-network post-training quantization config (every Linear/Conv2d/Conv3d/ConvTranspose2d/AvgPool2d "
+    "layer that the first batch of --dataset runs) instead of a KV-cache one.",
+)
+@click.option(
+    "--dataset",
+    "dataset_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="With --ptq: data directory whose first batch (as calibrate loads it) is run once to find the layers.",
+)
+@click.option(
+    "--skip-layers",
+    "skip_layers",
+    multiple=True,
+    metavar="NAME[,NAME...]",
+    help="With --ptq (without --cfg): quantizable layers to leave in float. Comma-separated; repeatable.",
+)
+@click.option(
+    "--activation-offset/--no-activation-offset",
+    "activation_offset",
+    default=None,
+    help="With --ptq (without --cfg): asymmetric (default) or symmetric activation quantization.",
 )
 @click.option(
     "-o",
@@ -182,6 +210,10 @@ def gen_config_command(
     batch_num: int | None,
     algo: str | None,
     granularity: str | None,
+    ptq: bool,
+    dataset_dir: str | None,
+    skip_layers: tuple[str, ...],
+    activation_offset: bool | None,
     output: str,
 ) -> None:
     """Build the per-layer JSON config of a model from a .cfg or a list of layers.
@@ -194,7 +226,19 @@ def gen_config_command(
       kvcal gen-config --model scripts/demo_model.py:build --cfg configs/example.cfg -o config.json
       kvcal gen-config --model scripts/demo_model.py:build --quant-layers 'model.layers.*.self_attn.[kv]_proj' \\
           --algo hfmg --granularity per_channel --batch-num 2 -o config.json
+      kvcal gen-config --ptq --model scripts/demo_cnn_model.py:build --dataset demo_out/cnn_data \\
+          --cfg configs/ptq_example.cfg -o ptq_config.json
+
+    With --ptq, the config covers the whole network (PTQ): the first batch of --dataset is
+    run once to find the quantizable layers; --cfg is then a PTQ simple config, or
+    --skip-layers/--batch-num/--activation-offset give the defaults to every layer.
     """
+    if ptq:
+        _gen_ptq_config(model_entry, model_args, checkpoint, cfg, quant_layers, batch_num, algo, granularity,
+                        dataset_dir, skip_layers, activation_offset, output)
+        return
+    if dataset_dir is not None or skip_layers or activation_offset is not None:
+        raise click.UsageError("--dataset, --skip-layers and --activation-offset go with --ptq")
     if (cfg is None) == (not quant_layers):
         raise click.UsageError("give exactly one of --cfg and --quant-layers")
     if cfg is not None and (batch_num, algo, granularity) != (None, None, None):
@@ -204,6 +248,10 @@ def gen_config_command(
     from kvcal.output import render_gen_config
 
     names = split_layer_names(quant_layers) if quant_layers else None
+    if cfg is not None:
+        from kvcal.ptq.cfg import check_not_ptq_cfg
+
+        check_not_ptq_cfg(cfg)  # a PTQ .cfg here: say to use --ptq, before the model loads
     model = load_model(model_entry, model_args, checkpoint)
     plan = generate_config(
         model=model,
@@ -215,6 +263,36 @@ def gen_config_command(
         granularity=granularity or "per_tensor",
     )
     render_gen_config(plan, output)
+
+
+def _gen_ptq_config(
+    model_entry: str, model_args: tuple[str, ...], checkpoint: str | None, cfg: str | None,
+    quant_layers: tuple[str, ...], batch_num: int | None, algo: str | None, granularity: str | None,
+    dataset_dir: str | None, skip_layers: tuple[str, ...], activation_offset: bool | None, output: str,
+) -> None:
+    """`gen-config --ptq`: usage checks, then `kvcal.ptq.api.generate_ptq_config`."""
+    if quant_layers or algo is not None or granularity is not None:
+        raise click.UsageError("--quant-layers, --algo and --granularity are for KV-cache configs, not --ptq")
+    if dataset_dir is None:
+        raise click.UsageError("--ptq needs --dataset DIR: its first batch shows which layers run")
+    if cfg is not None and (skip_layers or batch_num is not None or activation_offset is not None):
+        raise click.UsageError("--skip-layers, --batch-num and --activation-offset go without --cfg; the .cfg sets them")
+    from kvcal.output import library_warnings, render_ptq_config
+    from kvcal.ptq.api import generate_ptq_config, split_names
+
+    with library_warnings():
+        result = generate_ptq_config(
+            model_entry=model_entry,
+            model_args=model_args,
+            checkpoint=checkpoint,
+            dataset_dir=dataset_dir,
+            output=output,
+            cfg=cfg,
+            skip_layers=split_names(skip_layers, "--skip-layers") if skip_layers else None,
+            batch_num=batch_num or 1,
+            activation_offset=True if activation_offset is None else activation_offset,
+        )
+    render_ptq_config(result, output)
 
 
 # --- layers ---

@@ -10,6 +10,7 @@ __all__ = [
     "RecordError",
     "CalibrationError",
     "DeviceError",
+    "ExportError",
     "RecordOverwriteWarning",
 ]
 
@@ -40,6 +41,10 @@ class CalibrationError(KvcalError):
 
 class DeviceError(KvcalError):
     """A device that was asked for and is not available."""
+
+
+class ExportError(KvcalError):
+    """A record, model directory or output directory that cannot give a serving-engine export."""
 
 
 class RecordOverwriteWarning(UserWarning):

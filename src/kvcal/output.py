@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the record modules are imported on use, keeping `import kvc
     from rich.text import Text
 
     from kvcal.calibration.summary import CalibrationResult
+    from kvcal.export.vllm_ascend import ExportResult
     from kvcal.kv.layers import LinearInfo
     from kvcal.record.changes import LayerChange, OverwriteReport
     from kvcal.record.inspect import RecordDetail, RecordDiff, RecordSummary
@@ -31,6 +32,7 @@ __all__ = [
     "print_error",
     "print_warning",
     "render_gen_config",
+    "render_ptq_config",
     "render_overwrite_report",
     "describe_change",
     "change_scale_text",
@@ -40,6 +42,7 @@ __all__ = [
     "calibration_progress",
     "render_calibration_summary",
     "render_layers",
+    "render_export",
 ]
 
 err_console = Console(stderr=True, highlight=False)
@@ -94,6 +97,56 @@ def render_gen_config(plan: Any, output: str) -> None:
     title = f"{len(plan.layers)} layer(s), batch_num {plan.batch_num}, activation_offset {offset}"
     columns = ("Layer", "Algorithm", "Granularity", "Asymmetric", "Parameters")
     _print_table(_table(title, f"wrote {output}", columns, rows))
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def render_ptq_config(result: Any, output: str) -> None:
+    """`gen-config --ptq`: the quantizable layers and their settings, the excluded modules and
+    why, the warnings and notes, then where the JSON went.
+
+    Args:
+        result: the `kvcal.ptq.api.PtqResult` that was written.
+        output: the JSON config path.
+    """
+    from rich.text import Text
+
+    plan = result.plan
+    rows = []
+    for layer in plan.layers:
+        weight = layer.weight
+        bits = "-" if weight is None else f"{weight.num_bits} ({weight.algo.split('_')[0]})"
+        rows.append([
+            _cell(layer.name),
+            _cell(layer.layer_type),
+            _cell(_yes_no(layer.quant_enable), "" if layer.quant_enable else "dim"),
+            _cell(layer.act.algo),
+            _cell(_yes_no(layer.asymmetric)),
+            _cell(bits),
+            _cell("-" if weight is None else _yes_no(weight.channel_wise)),
+            _cell("-" if layer.dmq is None else _num(layer.dmq)),
+        ])
+    enabled = len(plan.enabled_layers)
+    extras = "".join([f", {plan.fakequant_precision_mode}" if plan.fakequant_precision_mode else "",
+                      f", skip_fusion_layers {', '.join(plan.skip_fusion_layers)}" if plan.skip_fusion_layers else ""])
+    title = (
+        f"PTQ config: {len(plan.layers)} quantizable layer(s), {enabled} enabled; batch_num {plan.batch_num}, "
+        f"activation_offset {str(plan.activation_offset).lower()}, do_fusion {str(plan.do_fusion).lower()}{extras}"
+    )
+    columns = ("Layer", "Type", "Enabled", "Activation", "Asymmetric", "Weight bits", "Channel-wise", "DMQ")
+    _print_table(_table(title, None, columns, rows))
+    excluded = result.discovery.excluded
+    if excluded:
+        rows = [[_cell(m.name), _cell(m.type_name), _cell(m.reason)] for m in excluded]
+        _print_table(_table(f"Not quantized: {len(excluded)} module(s)", None, ("Layer", "Type", "Reason"), rows))
+    for note in result.notes:
+        if note.level == "warning":
+            print_warning(note.message)
+        else:
+            err_console.print(Text(f"note: {note.message}"), soft_wrap=True)
+    err_console.print(Text(f"wrote {output}"), soft_wrap=True)
 
 
 # --- records: overwrite report, inspect-record ---
@@ -491,3 +544,44 @@ def render_layers(layers: Sequence[LinearInfo]) -> None:
         "select them with a glob, e.g. --quant-layers 'model.layers.*.self_attn.[kv]_proj'"
     )
     _print_table(_table("Linear layers", caption, ("Layer", "In", "Out", "Role"), rows))
+
+
+# --- export ---
+
+
+def render_export(result: ExportResult) -> None:
+    """The `kvcal export` table: each K/V layer's exported factors, then what the directory holds."""
+    rows = [
+        (
+            _cell(layer.layer),
+            _cell("1 (per tensor)" if layer.channels == 1 else layer.channels),
+            _cell(_num_range(float(layer.scale.min()), float(layer.scale.max()))),
+            _cell(_num_range(int(layer.offset.min()), int(layer.offset.max()))),
+        )
+        for layer in result.layers
+    ]
+    if result.index_file is None:
+        where = result.weight_files[0]
+    else:
+        where = f"{len(result.weight_files)} shards indexed by {result.index_file}"
+    copied = ", ".join(result.copied) if result.copied else "nothing (no config or tokenizer files found)"
+    saved = (
+        f"{result.weight_tensors} model tensors re-saved unchanged, with kv_cache_scale (float32) and "
+        f"kv_cache_offset (int32) for {len(result.layers)} K/V layers, in {where}"
+    )
+    lines = [saved, f"copied: {copied}"]
+    if result.skipped:
+        lines.append(f"not copied: {', '.join(result.skipped)}")
+    for name in result.described_only:
+        lines.append(f"{name}: tied to the embeddings, described as FLOAT without a tensor of its own")
+    if result.replaced:
+        lines.append("the previous contents of the directory were replaced")
+    lines.append(f"serve it with: vllm serve {result.output} --quantization ascend")
+    title = f"Exported for {result.format}: {result.output}"
+    _print_table(_table(title, "\n".join(lines), ("Layer", "Channels", "Scale", "Offset"), rows))
+    if result.uncovered:
+        more = f" and {len(result.uncovered) - 1} more" if len(result.uncovered) > 1 else ""
+        print_warning(
+            f"no K/V factors in the record for attention layer {result.uncovered[0]}{more}; "
+            "calibrate every k_proj/v_proj for a complete C8 cache"
+        )
