@@ -348,3 +348,34 @@ def test_create_quant_cali_config_argument_types(tmp_path: Path) -> None:
         kvcal.create_quant_cali_config(
             str(tmp_path / "c.json"), "model", {"kv_cache_quant_layers": [K_PROJ]}  # type: ignore[arg-type]
         )
+
+
+SPY_MODEL = """
+import pathlib
+from models import tiny_decoder
+
+def build():
+    pathlib.Path(__file__).with_name("MODEL_WAS_BUILT").write_text("yes")
+    return tiny_decoder()
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("kv_cache_quant_config { quant_layers: 'a' quant_layers: 'a' }\n", "is listed twice"),
+        ("batch_num: 0\nkv_cache_quant_config { quant_layers: 'a' }\n", "batch_num must be an integer >= 1"),
+        ("kv_cache_quant_config { quant_layers: 'a'\n", "q.cfg:"),
+        ("batch_num: 1\n", "no layers to calibrate"),
+    ],
+)
+def test_cfg_errors_come_before_the_model_loads(tmp_path: Path, text: str, fragment: str) -> None:
+    model_file = tmp_path / "spy.py"
+    model_file.write_text(SPY_MODEL, encoding="utf-8")
+    cfg = tmp_path / "q.cfg"
+    cfg.write_text(text, encoding="utf-8")
+    result = run("--model", f"{model_file}:build", "--cfg", str(cfg), "-o", str(tmp_path / "c.json"))
+    assert result.exit_code == 1
+    assert fragment in result.stderr
+    assert not (tmp_path / "MODEL_WAS_BUILT").exists()
+    assert not (tmp_path / "c.json").exists()

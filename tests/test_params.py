@@ -213,3 +213,11 @@ def test_check_layers_in_model() -> None:
     with pytest.raises(ConfigError) as info:
         check_layers_in_model(["zzzzzzzz"], model, "src")
     assert "did you mean" not in str(info.value)
+
+
+def test_search_step_equal_to_the_range_is_compared_as_written() -> None:
+    # 1.0 - 0.8 is 0.19999999999999996 in binary; as written in a config it is 0.2.
+    params = IfmrParams(search_range=(0.8, 1.0), search_step=0.2)
+    assert params.search_step == 0.2
+    with pytest.raises(ValueError, match="search_step must be in"):
+        IfmrParams(search_range=(0.8, 1.0), search_step=0.2000001)

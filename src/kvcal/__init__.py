@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 from kvcal.errors import CalibrationError, ConfigError, DatasetError, DeviceError, KvcalError, ModelLoadError
-from kvcal.errors import RecordError, RecordOverwriteWarning
+from kvcal.errors import ExportError, RecordError, RecordOverwriteWarning
 
 __version__ = "0.1.0"
 
@@ -24,7 +24,7 @@ _LAZY = {
 
 __all__ = ["__version__", "QuantCalibrationOp", "create_quant_cali_config", "create_quant_cali_model"]
 __all__ += ["KvcalError", "ConfigError", "DatasetError", "ModelLoadError", "RecordError", "CalibrationError"]
-__all__ += ["DeviceError", "RecordOverwriteWarning"]
+__all__ += ["DeviceError", "ExportError", "RecordOverwriteWarning"]
 __all__ += ["create_quant_config"]
 
 

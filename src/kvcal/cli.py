@@ -249,9 +249,11 @@ def gen_config_command(
 
     names = split_layer_names(quant_layers) if quant_layers else None
     if cfg is not None:
+        from kvcal.kv.cfg import load_cfg
         from kvcal.ptq.cfg import check_not_ptq_cfg
 
         check_not_ptq_cfg(cfg)  # a PTQ .cfg here: say to use --ptq, before the model loads
+        load_cfg(cfg, None)  # every rule that needs no model, before the model loads
     model = load_model(model_entry, model_args, checkpoint)
     plan = generate_config(
         model=model,

@@ -10,6 +10,7 @@ names the file and layer.
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -149,7 +150,8 @@ class IfmrParams:
             raise ValueError(f"search_range must satisfy 0 < start < end, got [{start!r}, {end!r}]")
         object.__setattr__(self, "search_range", (start, end))
         step = _as_float("search_step", self.search_step)
-        if not 0.0 < step <= end - start:
+        # Compared as the decimals written in the config (0.2 <= 1.0 - 0.8 holds there, not in binary).
+        if not (0.0 < step and Decimal(repr(step)) <= Decimal(repr(end)) - Decimal(repr(start))):
             raise ValueError(
                 f"search_step must be in (0, search_range end - start] = (0, {end - start!r}], got {step!r}"
             )

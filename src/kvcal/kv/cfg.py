@@ -37,7 +37,8 @@ def load_cfg(path: str | os.PathLike[str], model: nn.Module | None) -> Calibrati
 
     Args:
         path: the `.cfg` file (protobuf text format, AMCTQuantCaliConfig).
-        model: when given, every configured layer must be one of its `nn.Linear` modules.
+        model: when given, globs are expanded and every configured layer must be one of
+            its `nn.Linear` modules; None checks everything else (before a model loads).
 
     Raises:
         ConfigError: naming the file, the line:column where known, and the field or layer.
@@ -138,10 +139,8 @@ class _Builder:
 
     def _names(self, pattern: str, path: FieldPath) -> list[str]:
         """A configured name, or the Linear layers its glob matches (which needs the model)."""
-        if not is_pattern(pattern):
-            return [pattern]
-        if self.model is None:
-            raise ConfigError(f"{self.where(path)}: the pattern {pattern!r} can only be expanded with the model")
+        if not is_pattern(pattern) or self.model is None:
+            return [pattern]  # without the model (a pre-check), a glob stays unexpanded
         return expand_pattern(pattern, self.model, self.where(path))
 
     def _add_common_layers(self, layers: dict[str, LayerPlan], paths: dict[str, FieldPath]) -> None:
