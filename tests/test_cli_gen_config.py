@@ -184,7 +184,7 @@ def test_output_onto_the_cfg_itself_is_refused(tmp_path: Path) -> None:
     cfg.write_bytes((DATA / "formats_example.cfg").read_bytes())
     result = run("--model", TINY, "--cfg", str(cfg), "-o", str(cfg))
     assert result.exit_code == 1
-    assert "is the .cfg file itself" in result.stderr
+    assert "is also the .cfg file of this run" in result.stderr
     assert cfg.read_bytes() == (DATA / "formats_example.cfg").read_bytes()
 
 

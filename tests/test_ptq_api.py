@@ -136,7 +136,7 @@ def test_errors_write_nothing_and_come_before_the_forward_pass(tmp_path: Path) -
     cfg.write_text("common_config { dmq_balancer { migration_strength: 0.9 } }\n")
     with pytest.raises(ConfigError, match=r"bad\.cfg:1:32: dmq_balancer: migration_strength"):
         kvcal.create_quant_config(out, Refuses(), torch.zeros(1), config_defination=cfg)
-    with pytest.raises(ConfigError, match="is the .cfg file itself"):
+    with pytest.raises(ConfigError, match="is also the .cfg file of this run"):
         kvcal.create_quant_config(cfg, Refuses(), torch.zeros(1), config_defination=cfg)
     with pytest.raises(ConfigError, match="directory .* does not exist"):
         kvcal.create_quant_config(tmp_path / "no" / "c.json", Refuses(), torch.zeros(1))

@@ -413,9 +413,9 @@ def test_checks_before_the_model_loads(tmp_path: Path, data: Path) -> None:
     result = ptq(data, tmp_path / "missing" / "c.json", model=broken)
     assert "directory" in result.stderr and "does not exist" in result.stderr
     result = ptq(data, cfg, "--cfg", str(cfg), model=broken)
-    assert "is the .cfg file itself" in result.stderr
+    assert "is also the .cfg file of this run" in result.stderr
     result = ptq(data, data / "batch_000.pt", model=broken)
-    assert "is an input of this run" in result.stderr
+    assert "is also the data file of this run" in result.stderr
     assert cfg.read_text() == "batch_num: 0\n" and (data / "batch_000.pt").stat().st_size > 100
 
 

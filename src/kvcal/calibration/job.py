@@ -12,9 +12,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Union
 
 from torch import nn
 
@@ -31,48 +29,18 @@ from kvcal.errors import KvcalError
 from kvcal.kv.config_json import read_config
 from kvcal.kv.plan import check_layers_in_model
 from kvcal.model_loader import load_model
+from kvcal.paths import PathArg, check_distinct_paths
 from kvcal.text_data import TextOptions, open_data
 
-__all__ = ["calibrate_from_files", "check_distinct_paths", "report_json"]
+__all__ = ["calibrate_from_files", "report_json"]
 
 logger = logging.getLogger(__name__)
 
-PathArg = Union[str, "os.PathLike[str]"]
 
 
 def report_json(result: CalibrationResult) -> bytes:
     """The `--report` file: `result.to_dict()` as indented JSON."""
     return (json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)  # hard links, bind mounts
-    except OSError:
-        return False
-
-
-def check_distinct_paths(outputs: dict[str, PathArg], inputs: Iterable[tuple[str, PathArg]]) -> None:
-    """No output may be another output or an input of the same run.
-
-    Args:
-        outputs: role → path of each file the run writes (e.g. "record", "report").
-        inputs: (role, path) of each file it reads.
-
-    Raises:
-        KvcalError: naming both roles and the path.
-    """
-    named = list(outputs.items())
-    for index, (role, path) in enumerate(named):
-        others = [(other, p) for other, p in named[index + 1 :]] + list(inputs)
-        for other, other_path in others:
-            if _same_file(Path(path), Path(other_path)):
-                raise KvcalError(
-                    f"the {role} {os.fspath(path)} is also the {other} of this run; "
-                    f"writing it would destroy the {other}: choose another path"
-                )
 
 
 def _warn_about_proj_tap(model: nn.Module, tap: Tap) -> None:

@@ -27,6 +27,7 @@ from kvcal.params import (
     checked,
     only_key,
 )
+from kvcal.paths import check_distinct_paths
 from kvcal.quant import Granularity
 
 __all__ = [
@@ -67,7 +68,7 @@ def generate_config(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if cfg is not None and quant_layers is None:
-        _refuse_same_file(cfg, output)
+        check_distinct_paths({"output": output}, [(".cfg file", cfg)], error=ConfigError)
         plan = load_cfg(cfg, model)
     elif cfg is None and quant_layers is not None:
         params = HfmgParams() if check_act_algo(algo) == "hfmg" else IfmrParams()
@@ -82,16 +83,6 @@ def generate_config(
         raise ValueError("give exactly one of cfg (a .cfg file) and quant_layers (a list of layer names)")
     write_config(plan, output)
     return plan
-
-
-def _refuse_same_file(cfg: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
-    """Writing the JSON over the `.cfg` it comes from would destroy the user's input."""
-    try:
-        same = os.path.samefile(cfg, output)
-    except OSError:
-        same = False
-    if same:
-        raise ConfigError(f"the output {os.fspath(output)} is the .cfg file itself; choose another output path")
 
 
 def split_layer_names(values: Sequence[str]) -> list[str]:

@@ -17,6 +17,7 @@ from torch import nn
 from kvcal.atomic import atomic_write
 from kvcal.errors import ConfigError
 from kvcal.floats import f32_value
+from kvcal.jsonio import load_json
 from kvcal.kv.plan import CalibrationPlan, LayerPlan, check_layers_in_model
 from kvcal.params import (
     ALGO_KEYS,
@@ -27,7 +28,6 @@ from kvcal.params import (
     only_key,
 )
 from kvcal.quant import Granularity
-from kvcal.textproto import read_text
 
 __all__ = ["plan_to_json", "write_config", "read_config", "GLOBAL_KEYS", "LAYER_KEY"]
 
@@ -89,25 +89,6 @@ def write_config(plan: CalibrationPlan, path: str | os.PathLike[str]) -> None:
         raise ConfigError(f"cannot write config {target}: {exc.strerror or exc}") from None
 
 
-class _DuplicateKey(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a valid JSON number")
-
-
 def read_config(path: str | os.PathLike[str], model: nn.Module | None = None) -> CalibrationPlan:
     """Read and validate a JSON config into a plan.
 
@@ -119,16 +100,7 @@ def read_config(path: str | os.PathLike[str], model: nn.Module | None = None) ->
         ConfigError: naming the file and the key or layer at fault.
     """
     source = os.fspath(path)
-    text = read_text(source, error=ConfigError, what="config")
-    try:
-        document = json.loads(text, object_pairs_hook=_pairs_without_duplicates, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{source}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
-    except _DuplicateKey as exc:
-        raise ConfigError(f"{source}: duplicated key {exc.key!r} in a JSON object") from None
-    except ValueError as exc:
-        raise ConfigError(f"{source}: invalid JSON: {exc}") from None
-    plan = _plan_from_document(document, source)
+    plan = _plan_from_document(load_json(source), source)
     if model is not None:
         check_layers_in_model(plan.layer_names, model, source)
     return plan

@@ -14,6 +14,7 @@ from torch import nn
 
 from kvcal.errors import ConfigError
 from kvcal.params import check_batch_num, check_bool
+from kvcal.paths import check_distinct_paths
 from kvcal.ptq.cfg import PtqCfg, check_cfg_names, load_ptq_cfg, plan_from_cfg
 from kvcal.ptq.config_json import check_output_path, write_config
 from kvcal.ptq.layers import Discovery, discover_layers, missing_name, module_classes
@@ -201,7 +202,7 @@ def create_quant_config(
     if config_defination is not None:
         if not isinstance(config_defination, (str, os.PathLike)):
             raise TypeError(f"config_defination must be the path of a .cfg file, got {config_defination!r}")
-        _refuse_same_file(config_defination, config_file)
+        check_distinct_paths({"output": config_file}, [(".cfg file", config_defination)], error=ConfigError)
         _warn_ignored_arguments(skip_layers, batch_num, activation_offset)
     check_output_path(os.fspath(config_file))
     result = build_ptq_plan(
@@ -252,15 +253,6 @@ def report_notes(result: PtqResult) -> None:
             logger.info(note.message)
 
 
-def _refuse_same_file(cfg: str | os.PathLike[str], output: str | os.PathLike[str]) -> None:
-    try:
-        same = os.path.samefile(cfg, output)
-    except OSError:
-        same = False
-    if same:
-        raise ConfigError(f"the output {os.fspath(output)} is the .cfg file itself; choose another output path")
-
-
 def split_names(values: Sequence[str], option: str) -> list[str]:
     """`--skip-layers` values (each `NAME[,NAME...]`, repeatable) → names, spaces stripped.
 
@@ -304,11 +296,13 @@ def generate_ptq_config(
     check_output_path(target)
     parsed = None
     if cfg is not None:
-        _refuse_same_file(cfg, target)
+        check_distinct_paths({"output": target}, [(".cfg file", cfg)], error=ConfigError)
         parsed = load_ptq_cfg(cfg)
     dataset = open_dataset(dataset_dir, "cpu")
-    for path in (*dataset.files, *(() if checkpoint is None else (checkpoint,))):
-        _refuse_same_input(path, target)
+    inputs: list[tuple[str, str | os.PathLike[str]]] = [("data file", f) for f in dataset.files]
+    if checkpoint is not None:
+        inputs.append(("checkpoint", checkpoint))
+    check_distinct_paths({"output": target}, inputs, error=ConfigError)
     batch = load_batch(dataset.files[0], "cpu")
     model = load_model(model_entry, tuple(model_args), checkpoint)
     return _build_and_write(model, batch, parsed, skip_layers, batch_num, activation_offset, target)
@@ -335,14 +329,3 @@ def _build_and_write(
     )
     write_config(result.plan, target)
     return result
-
-
-def _refuse_same_input(path: str | os.PathLike[str], output: str) -> None:
-    try:
-        same = os.path.samefile(path, output)
-    except OSError:
-        same = False
-    if same:
-        raise ConfigError(
-            f"the output {output} is an input of this run ({os.fspath(path)}); choose another output path"
-        )

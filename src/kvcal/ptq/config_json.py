@@ -18,7 +18,16 @@ from typing import Any
 from kvcal.atomic import atomic_write
 from kvcal.errors import ConfigError
 from kvcal.floats import f32_value
-from kvcal.params import ALGO_KEYS, AlgoParams, algo_params, check_act_algo, check_batch_num, check_bool, checked
+from kvcal.jsonio import load_json
+from kvcal.params import (
+    ALGO_KEYS,
+    AlgoParams,
+    algo_params,
+    check_act_algo,
+    check_batch_num,
+    check_bool,
+    checked,
+)
 from kvcal.ptq.layers import Discovery, LayerType
 from kvcal.ptq.plan import (
     CHANNEL_WISE_TYPES,
@@ -33,7 +42,6 @@ from kvcal.ptq.plan import (
     check_migration_strength,
     fusion_problem,
 )
-from kvcal.textproto import read_text
 
 __all__ = ["is_ptq_config", "plan_to_json", "read_config", "write_config"]
 
@@ -124,37 +132,6 @@ def check_output_path(target: str) -> None:
     directory = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(directory):
         raise ConfigError(f"cannot write config {target}: directory {directory} does not exist")
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a valid JSON number")
-
-
-def load_json(path: str | os.PathLike[str]) -> Any:
-    """A JSON file parsed strictly: duplicated keys and NaN/Infinity are errors naming the file."""
-    source = os.fspath(path)
-    text = read_text(source, error=ConfigError, what="config")
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{source}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
-    except _DuplicateKey as exc:
-        raise ConfigError(f"{source}: duplicated key {exc.args[0]!r} in a JSON object") from None
-    except ValueError as exc:
-        raise ConfigError(f"{source}: invalid JSON: {exc}") from None
 
 
 def is_ptq_config(document: Any) -> bool:

@@ -220,14 +220,20 @@ def _unlock(fd: int) -> None:
         msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
-@contextlib.contextmanager
-def _exclusive_lock(target: Path, *, source: str, timeout: float) -> Iterator[None]:
-    """Hold an exclusive lock on `<target>.lock`, polling so Ctrl-C and a timeout still work."""
+def _open_lock(target: Path, source: str) -> tuple[Path, int]:
+    """The `<target>.lock` file, created if needed, and an open descriptor of it."""
     lock_path = target.with_name(target.name + ".lock")
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as exc:
         raise RecordError(f"cannot create lock file {lock_path} for {source}: {exc.strerror or exc}") from exc
+    return lock_path, fd
+
+
+@contextlib.contextmanager
+def _exclusive_lock(target: Path, *, source: str, timeout: float) -> Iterator[None]:
+    """Hold an exclusive lock on `<target>.lock`, polling so Ctrl-C and a timeout still work."""
+    lock_path, fd = _open_lock(target, source)
     try:
         deadline = time.monotonic() + timeout
         delay = 0.001
@@ -283,11 +289,7 @@ def check_writable(path: PathLike) -> None:
     target, source = _target(path)
     if not os.access(target.parent, os.W_OK | os.X_OK):
         raise RecordError(f"cannot write record {source}: directory {target.parent} is not writable")
-    lock_path = target.with_name(target.name + ".lock")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-    except OSError as exc:
-        raise RecordError(f"cannot create lock file {lock_path} for {source}: {exc.strerror or exc}") from exc
+    lock_path, fd = _open_lock(target, source)
     try:
         if _try_lock(fd):
             _unlock(fd)
