@@ -89,10 +89,12 @@ def test_only_the_samples_batch_num_needs_are_read(tmp_path: Path, tokenizer_dir
 
 def test_too_few_samples(tmp_path: Path, tokenizer_dir: Path) -> None:
     source = write_jsonl(tmp_path / "a.jsonl", [3] * 3)
-    with pytest.raises(DatasetError, match="gives 3 text sample.*batch_num 2 batches of --batch-size 2 need 4"):
-        open_data(source, TextOptions(str(tokenizer_dir), batch_size=2), needed_batches=2)
-    with pytest.raises(DatasetError, match=r"need 4 \(--num-samples is 2\)"):
+    with pytest.raises(DatasetError, match=r"gives 3 text sample.*3 batch\(es\) of --batch-size 2 need at least 5"):
+        open_data(source, TextOptions(str(tokenizer_dir), batch_size=2), needed_batches=3)
+    with pytest.raises(DatasetError, match=r"need at least 3 \(--num-samples is 2\)"):
         open_data(source, TextOptions(str(tokenizer_dir), batch_size=2, num_samples=2), needed_batches=2)
+    # A partial last batch counts: 3 samples make 2 batches of 2.
+    assert len(open_data(source, TextOptions(str(tokenizer_dir), batch_size=2), needed_batches=2)) == 2
 
 
 @pytest.mark.parametrize(
@@ -175,3 +177,15 @@ def test_cli_calibrates_from_text(tmp_path: Path, tokenizer_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "2 data files used" in result.stderr
     assert record.exists()
+
+
+def test_gen_config_ptq_takes_its_sample_from_text(tmp_path: Path, tokenizer_dir: Path) -> None:
+    model_file = tmp_path / "m.py"
+    model_file.write_text("from hf_models import build as _build\n\n\ndef build():\n    return _build('llama')\n")
+    source = write_jsonl(tmp_path / "a.jsonl", [4, 9])
+    out = tmp_path / "ptq.json"
+    result = CliRunner().invoke(main, ["gen-config", "--ptq", "--model", f"{model_file}:build", "--dataset",
+                                       str(source), "--tokenizer", str(tokenizer_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["model.layers.0.self_attn.k_proj"]["quant_enable"] is True

@@ -7,11 +7,14 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from kvcal.errors import KvcalError
+
+if TYPE_CHECKING:
+    from kvcal.text_data import TextOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -174,9 +177,9 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option(
     "--dataset",
     "dataset_dir",
-    type=click.Path(file_okay=False),
+    type=click.Path(),
     default=None,
-    metavar="DIR",
+    metavar="PATH",
     help="With --ptq: data directory whose first batch (as calibrate loads it) is run once to find the layers.",
 )
 @click.option(
@@ -192,6 +195,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     default=None,
     help="With --ptq (without --cfg): asymmetric (default) or symmetric activation quantization.",
 )
+@text_options
 @click.option(
     "-o",
     "--output",
@@ -214,6 +218,11 @@ def gen_config_command(
     dataset_dir: str | None,
     skip_layers: tuple[str, ...],
     activation_offset: bool | None,
+    tokenizer: str | None,
+    text_field: str,
+    seq_len: int,
+    batch_size: int,
+    num_samples: int | None,
     output: str,
 ) -> None:
     """Build the per-layer JSON config of a model from a .cfg or a list of layers.
@@ -234,8 +243,11 @@ def gen_config_command(
     --skip-layers/--batch-num/--activation-offset give the defaults to every layer.
     """
     if ptq:
+        from kvcal.text_data import TextOptions
+
+        text = TextOptions(tokenizer, text_field, seq_len, batch_size, num_samples)
         _gen_ptq_config(model_entry, model_args, checkpoint, cfg, quant_layers, batch_num, algo, granularity,
-                        dataset_dir, skip_layers, activation_offset, output)
+                        dataset_dir, skip_layers, activation_offset, output, text)
         return
     if dataset_dir is not None or skip_layers or activation_offset is not None:
         raise click.UsageError("--dataset, --skip-layers and --activation-offset go with --ptq")
@@ -271,6 +283,7 @@ def _gen_ptq_config(
     model_entry: str, model_args: tuple[str, ...], checkpoint: str | None, cfg: str | None,
     quant_layers: tuple[str, ...], batch_num: int | None, algo: str | None, granularity: str | None,
     dataset_dir: str | None, skip_layers: tuple[str, ...], activation_offset: bool | None, output: str,
+    text: TextOptions,
 ) -> None:
     """`gen-config --ptq`: usage checks, then `kvcal.ptq.api.generate_ptq_config`."""
     if quant_layers or algo is not None or granularity is not None:
@@ -293,6 +306,7 @@ def _gen_ptq_config(
             skip_layers=split_names(skip_layers, "--skip-layers") if skip_layers else None,
             batch_num=batch_num or 1,
             activation_offset=True if activation_offset is None else activation_offset,
+            text=text,
         )
     render_ptq_config(result, output)
 
@@ -416,13 +430,13 @@ def calibrate_command(
           --dataset demo_out/data --record record.txt --report report.json
     """
     from kvcal.calibration.job import calibrate_from_files
-    from kvcal.text_data import TextOptions
     from kvcal.output import (
         calibration_progress,
         library_warnings,
         render_calibration_summary,
         render_overwrite_report,
     )
+    from kvcal.text_data import TextOptions
 
     with library_warnings(), calibration_progress(enabled=not quiet) as progress:
         result = calibrate_from_files(

@@ -4,8 +4,8 @@ A sample is one non-empty line of a `.txt` file, the `text_field` string of one 
 a `.jsonl` file, or of one element of the list a `.json` file holds. Samples are taken in
 file order (files of a directory in sorted name order), at most `num_samples` of them.
 Each sample is tokenized on its own and **truncated** to `seq_len` tokens (never packed
-with others); `batch_size` consecutive samples form a batch, **padded on the right** to
-its longest sample, with `attention_mask` 0 on the padding, which calibration excludes.
+with others); `batch_size` consecutive samples form a batch (the last one may have
+fewer), **padded on the right** to its longest sample, with `attention_mask` 0 on the padding, which calibration excludes.
 The model is called as `model(input_ids=..., attention_mask=...)`.
 
 transformers is needed only here, and only when a text dataset is used.
@@ -215,10 +215,11 @@ def open_text_dataset(
     needed = None if needed_batches is None else needed_batches * options.batch_size
     limit = min(x for x in (options.num_samples, needed) if x is not None) if (options.num_samples or needed) else None
     samples = read_samples(files, options.text_field, limit)
-    if needed is not None and len(samples) < needed:
+    if needed_batches is not None and math.ceil(len(samples) / options.batch_size) < needed_batches:
+        least = (needed_batches - 1) * options.batch_size + 1  # the last batch may be partial
         raise DatasetError(
-            f"dataset {root} gives {len(samples)} text sample(s); batch_num {needed_batches} batches of "
-            f"--batch-size {options.batch_size} need {needed}"
+            f"dataset {root} gives {len(samples)} text sample(s); {needed_batches} batch(es) of "
+            f"--batch-size {options.batch_size} need at least {least}"
             + (f" (--num-samples is {options.num_samples})" if options.num_samples is not None else "")
         )
     tokenizer = load_tokenizer(options.tokenizer)

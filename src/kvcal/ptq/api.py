@@ -3,6 +3,7 @@ behind `kvcal gen-config --ptq`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -19,6 +20,7 @@ from kvcal.ptq.cfg import PtqCfg, check_cfg_names, load_ptq_cfg, plan_from_cfg
 from kvcal.ptq.config_json import check_output_path, write_config
 from kvcal.ptq.layers import Discovery, discover_layers, missing_name, module_classes
 from kvcal.ptq.plan import Note, PtqPlan, PtqWarning, resolve_layer
+from kvcal.text_data import TextOptions
 
 __all__ = [
     "PtqResult",
@@ -279,8 +281,12 @@ def generate_ptq_config(
     skip_layers: Sequence[str] | None = None,
     batch_num: int = 1,
     activation_offset: bool = True,
+    text: TextOptions | None = None,
 ) -> PtqResult:
     """`kvcal gen-config --ptq`: the first batch of `dataset_dir` as sample input → the PTQ JSON.
+
+    The dataset is read as `kvcal calibrate` reads it: tensor files, or text tokenized
+    with `text` (its tokenizer defaults to the model directory of a `from_pretrained` entry).
 
     Cheap checks come first: the output path, the whole `.cfg` (all rules that need no
     model), the dataset listing and the first data file; then the model is loaded and run
@@ -289,8 +295,9 @@ def generate_ptq_config(
     Raises:
         KvcalError: any bad input (ConfigError, DatasetError, ModelLoadError).
     """
-    from kvcal.dataset import load_batch, open_dataset
+    from kvcal.calibration.job import default_tokenizer
     from kvcal.model_loader import load_model
+    from kvcal.text_data import open_data
 
     target = os.fspath(output)
     check_output_path(target)
@@ -298,12 +305,15 @@ def generate_ptq_config(
     if cfg is not None:
         check_distinct_paths({"output": target}, [(".cfg file", cfg)], error=ConfigError)
         parsed = load_ptq_cfg(cfg)
-    dataset = open_dataset(dataset_dir, "cpu")
+    options = text or TextOptions()
+    if options.tokenizer is None:
+        options = dataclasses.replace(options, tokenizer=default_tokenizer(model_entry, model_args))
+    dataset = open_data(dataset_dir, options, needed_batches=1, device="cpu")
     inputs: list[tuple[str, str | os.PathLike[str]]] = [("data file", f) for f in dataset.files]
     if checkpoint is not None:
         inputs.append(("checkpoint", checkpoint))
     check_distinct_paths({"output": target}, inputs, error=ConfigError)
-    batch = load_batch(dataset.files[0], "cpu")
+    batch = next(iter(dataset))
     model = load_model(model_entry, tuple(model_args), checkpoint)
     return _build_and_write(model, batch, parsed, skip_layers, batch_num, activation_offset, target)
 
