@@ -4,7 +4,8 @@
 #   inspect-record, then a re-calibration with another config to show the overwrite report.
 #   On a tiny transformers Llama: kvcal layers -> gen-config (glob) -> calibrate with the
 #   cache tap (the default), then the proj tap (AMCT's semantics) as a dry run.
-#   On a small CNN: the whole-network PTQ config (gen-config --ptq).
+#   On a small CNN: the whole-network PTQ config (gen-config --ptq), then its calibration.
+#   Last, text -> calibrate -> export: the Llama saved with a tokenizer, exported for vllm-ascend.
 # Everything lands in demo_out/ (git-ignored), recreated on each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,4 +68,16 @@ step "10. PTQ (whole network): a small CNN, configs/ptq_example.cfg -> $OUT/ptq_
 "$KVCAL" gen-config --ptq --model "$CNN" --dataset "$OUT/cnn_data" --cfg configs/ptq_example.cfg \
     -o "$OUT/ptq_config.json"
 
-step "done: $OUT/config.json, $OUT/record.txt, $OUT/report.json, $OUT/hf_record.txt, $OUT/hf_report.json, $OUT/ptq_config.json"
+step "11. PTQ calibration: BN fusion, DMQ, ARQ weights, IFMR inputs -> $OUT/ptq_record.txt, with per-layer SQNR"
+"$KVCAL" calibrate --model "$CNN" --config "$OUT/ptq_config.json" --dataset "$OUT/cnn_data" \
+    --record "$OUT/ptq_record.txt" --report "$OUT/ptq_report.json" --device auto
+"$KVCAL" inspect-record "$OUT/ptq_record.txt"
+
+step "12. text -> calibrate -> export: the Llama saved with its tokenizer, symmetric per-channel C8 factors, a vllm-ascend directory"
+"$PYTHON" scripts/demo_hf_model.py --save "$OUT/hf_model" --text "$OUT/calib.jsonl"
+HF_DIR=(--model transformers:AutoModelForCausalLM.from_pretrained --model-arg "$OUT/hf_model")
+"$KVCAL" gen-config "${HF_DIR[@]}" --cfg configs/c8.cfg -o "$OUT/c8.json"
+"$KVCAL" calibrate "${HF_DIR[@]}" --config "$OUT/c8.json" --dataset "$OUT/calib.jsonl" --record "$OUT/c8.txt"
+"$KVCAL" export "$OUT/c8.txt" --model-dir "$OUT/hf_model" --format vllm-ascend -o "$OUT/hf_model_c8"
+
+step "done: $OUT/config.json, $OUT/record.txt, $OUT/report.json, $OUT/hf_record.txt, $OUT/hf_report.json, $OUT/ptq_config.json, $OUT/ptq_record.txt, $OUT/ptq_report.json, $OUT/hf_model_c8/"

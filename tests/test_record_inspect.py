@@ -34,6 +34,7 @@ def test_summary_has_one_row_per_entry_and_kind() -> None:
     assert [(r.layer, r.kind) for r in rows] == [
         ("conv1", "activation"),
         ("conv1", "weight"),
+        ("conv1", "balance"),
         (K0, "activation"),
         (V0, "kv_cache"),
         ("fc", "activation"),
@@ -43,7 +44,7 @@ def test_summary_has_one_row_per_entry_and_kind() -> None:
     assert conv1_w == EntrySummary(
         "conv1", "weight", 2, pytest.approx(0.001), pytest.approx(0.002), 0, 1  # type: ignore[arg-type]
     )
-    v0 = rows[3]
+    v0 = rows[4]
     assert (v0.channels, v0.offset_min, v0.offset_max) == (1, -2, -2)
     assert v0.to_dict()["scale_min"] == 0.0318757  # shortest float32 text, not 0.03187569975852966
 
@@ -80,7 +81,7 @@ def test_layer_detail_gives_every_channel() -> None:
     assert details[0].to_dict()["scale"] == [0.01, 0.02, 0.03, 0.04]
     assert details[0].offset == (-1, 0, 1, 2)
     conv1 = layer_detail(read_record(FULL), ["conv1"])
-    assert [d.kind for d in conv1] == ["activation", "weight"]
+    assert [d.kind for d in conv1] == ["activation", "weight", "balance"]
     assert conv1[1].offset == (0, 1)
 
 

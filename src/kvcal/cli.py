@@ -349,7 +349,8 @@ def layers_command(model_entry: str, model_args: tuple[str, ...], checkpoint: st
     required=True,
     type=click.Path(dir_okay=False),
     metavar="CONFIG.json",
-    help="Per-layer JSON config written by gen-config (validated against the model).",
+    help="Per-layer JSON config written by gen-config (validated against the model): KV-cache, or PTQ "
+    "(gen-config --ptq) to calibrate the whole network.",
 )
 @click.option(
     "--dataset",
@@ -417,17 +418,23 @@ def calibrate_command(
     quiet: bool,
     force: bool,
 ) -> None:
-    """Run the dataset through the model, compute each layer's INT8 KV-cache factors, merge them into the record.
+    """Run the dataset through the model, compute each layer's INT8 factors (KV cache or PTQ), merge them into the record.
 
     By default (--tap auto) a transformers model is observed where its KV cache is written,
     so keys are calibrated after RoPE / q-k normalization, as serving engines store them;
     --tap proj observes the k_proj/v_proj outputs as AMCT does. Positions whose
     attention_mask is 0 are excluded.
 
+    A PTQ config (written by gen-config --ptq) calibrates the whole network on a copy of
+    the model: BN fusion, DMQ, ARQ weight factors, each layer's input through IFMR/HFMG;
+    the summary adds weight, input, output and model SQNR, worst layer first.
+
     \b
-    Example:
+    Examples:
       kvcal calibrate --model scripts/demo_model.py:build --config config.json \\
           --dataset demo_out/data --record record.txt --report report.json
+      kvcal calibrate --model scripts/demo_cnn_model.py:build --config ptq_config.json \\
+          --dataset demo_out/cnn_data --record ptq_record.txt
     """
     from kvcal.calibration.job import calibrate_from_files
     from kvcal.output import (

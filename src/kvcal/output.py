@@ -24,7 +24,13 @@ if TYPE_CHECKING:  # the record modules are imported on use, keeping `import kvc
     from kvcal.calibration.summary import CalibrationResult
     from kvcal.export.vllm_ascend import ExportResult
     from kvcal.kv.layers import LinearInfo
-    from kvcal.record.changes import LayerChange, OverwriteReport
+    from kvcal.ptq.summary import PtqCalibrationResult
+    from kvcal.record.changes import (
+        FieldChange,
+        LayerChange,
+        OverwriteReport,
+        PtqLayerChange,
+    )
     from kvcal.record.inspect import RecordDetail, RecordDiff, RecordSummary
 
 __all__ = [
@@ -35,12 +41,14 @@ __all__ = [
     "render_ptq_config",
     "render_overwrite_report",
     "describe_change",
+    "field_change_text",
     "change_scale_text",
     "change_offset_text",
     "render_inspection",
     "library_warnings",
     "calibration_progress",
     "render_calibration_summary",
+    "render_ptq_summary",
     "render_layers",
     "render_export",
 ]
@@ -211,7 +219,11 @@ def _num(value: object) -> str:
 
 
 def render_overwrite_report(report: OverwriteReport) -> None:
-    """The overwrite report as a table on stderr: layer, status, scale and offset old → new."""
+    """The overwrite report as a table on stderr: layer, status, then each factor old → new.
+
+    KV-cache layers get the columns scale and offset; PTQ layers one column per field of
+    their `value` (a table of their own when a report holds both kinds).
+    """
     counts = report.counts()
     summary = f"{counts['new']} new, {counts['changed']} changed, {counts['unchanged']} unchanged"
     if report.dry_run:
@@ -224,6 +236,8 @@ def render_overwrite_report(report: OverwriteReport) -> None:
     if report.backup is not None:
         verb = "would be moved" if report.dry_run else "moved"
         lines.append(f"the unreadable record {verb} aside to {report.backup}")
+    from kvcal.record.changes import LayerChange, PtqLayerChange
+
     rows = [
         (
             _cell(change.layer),
@@ -232,9 +246,60 @@ def render_overwrite_report(report: OverwriteReport) -> None:
             _cell(change_offset_text(change)),
         )
         for change in report.layers
+        if isinstance(change, LayerChange)
     ]
-    columns = ("Layer", "Status", "Scale", "Offset")
-    _print_table(_table(f"Record {report.record}", "\n".join(lines), columns, rows))
+    ptq = [change for change in report.layers if isinstance(change, PtqLayerChange)]
+    caption = "\n".join(lines)
+    if rows or not ptq:
+        columns = ("Layer", "Status", "Scale", "Offset")
+        _print_table(_table(f"Record {report.record}", None if ptq else caption, columns, rows))
+    if ptq:
+        _print_table(_table(f"Record {report.record}: PTQ values", caption, _PTQ_CHANGE_COLUMNS, _ptq_rows(ptq)))
+
+
+_PTQ_CHANGE_FIELDS = ("scale_d", "offset_d", "scale_w", "offset_w", "tensor_balance_factor")
+_PTQ_CHANGE_COLUMNS = ("Layer", "Status", "scale_d", "offset_d", "scale_w", "offset_w", "tensor_balance_factor", "Types")
+
+
+def _ptq_rows(changes: Sequence[PtqLayerChange]) -> list[list[Text]]:
+    rows = []
+    for change in changes:
+        cells = [_cell(change.layer), _cell(change.status, _STATUS_STYLE.get(change.status, ""))]
+        for name in _PTQ_CHANGE_FIELDS:
+            field = change.field(name)
+            cells.append(_cell("-" if field is None else field_change_text(field, new_layer=change.status == "new")))
+        types = [(short, change.field(name)) for short, name in (("act", "act_type"), ("wts", "wts_type"))]
+        cells.append(_cell(", ".join(
+            f"{short} {field_change_text(t, new_layer=change.status == 'new')}" for short, t in types if t
+        )))
+        rows.append(cells)
+    return rows
+
+
+def _plain(values: Sequence[float | int | str]) -> str:
+    if any(isinstance(v, str) for v in values):
+        return "/".join(str(v) for v in values)
+    floats = any(isinstance(v, float) for v in values)
+    text = _values_text(values, floats=floats)  # type: ignore[arg-type]
+    return text if len(values) == 1 else f"{len(values)} ch: {text}"
+
+
+def field_change_text(change: FieldChange, *, new_layer: bool = False) -> str:
+    """One PTQ field: its value (a new layer), `old → new`, `k/N ch changed, largest ...`, or unchanged."""
+    old, new = change.old, change.new
+    if new is None:
+        return f"{_plain(old or ())} → none"
+    if old is None:
+        return _plain(new) if new_layer else f"none → {_plain(new)}"
+    if not change.changed:
+        return _plain(new) if len(new) == 1 else f"{len(new)} ch, unchanged"
+    if len(new) == 1 and len(old) == 1:
+        return f"{_plain(old)} → {_plain(new)}"
+    if change.channels_changed is None:
+        return f"{_plain(old)} → {_plain(new)}"
+    largest = change.largest_change
+    detail = "" if largest is None else f", largest {largest:.3g}{_pct(change.largest_relative_change)}"
+    return f"{change.channels_changed}/{len(new)} ch changed{detail}"
 
 
 # --- overwrite report text ---
@@ -292,8 +357,17 @@ def _change_column(
     return f"{d.offset_channels_changed}/{len(new)} ch changed, largest {d.max_offset_change}"
 
 
-def describe_change(change: LayerChange) -> str:
+def describe_change(change: LayerChange | PtqLayerChange) -> str:
     """One plain-text line: `layer: scale a → b, offset c → d`, `layer: unchanged`, ..."""
+    from kvcal.record.changes import PtqLayerChange
+
+    if isinstance(change, PtqLayerChange):
+        if change.status == "unchanged":
+            return f"{change.layer}: unchanged"
+        new = change.status == "new"
+        shown = [f for f in change.fields if new or f.changed]
+        parts = ", ".join(f"{f.field} {field_change_text(f, new_layer=new)}" for f in shown)
+        return f"{change.layer}: {'new, ' if new else ''}{parts}"
     d = change.delta
     if change.status == "new" or d is None:
         if change.channels == 1:
@@ -491,9 +565,62 @@ def _percent(fraction: float) -> str:
     return "0" if fraction == 0.0 else f"{100.0 * fraction:.3g}%"
 
 
-def render_calibration_summary(result: CalibrationResult) -> None:
-    """The per-layer table of a calibration result, on stderr."""
+def _db(value: float) -> str:
+    if value != value:  # NaN: not measured
+        return "-"
+    return "inf" if value == float("inf") else f"{value:.2f}"
+
+
+def _ptq_weights_text(bits: int | None, channel_wise: bool | None, channels: int) -> str:
+    if bits is None:
+        return "-"
+    return f"INT{bits} " + (f"per-channel ({channels})" if channel_wise else "per-tensor")
+
+
+def render_ptq_summary(result: PtqCalibrationResult) -> None:
+    """The PTQ table: one row per enabled layer, worst output SQNR first, then the model SQNR and notes."""
+    from kvcal.ptq.summary import SQNR_BASIS
+
+    rows = []
+    for layer in result.worst_first():
+        weights = _ptq_weights_text(layer.weight_bits, layer.channel_wise, layer.weight_channels)
+        rows.append([
+            _cell(layer.name),
+            _cell(layer.layer_type),
+            _cell(f"{layer.algorithm} ({'asym' if layer.asymmetric else 'sym'})"),
+            _cell(_num(layer.scale_d)),
+            _cell(layer.offset_d),
+            _cell(weights),
+            _cell("-" if layer.scale_w_min is None else _num_range(layer.scale_w_min, layer.scale_w_max)),
+            _cell("-" if layer.balance_min is None else _num_range(layer.balance_min, layer.balance_max)),
+            _cell(layer.fused_bn or "-"),
+            _cell(_db(layer.weight_sqnr_db)),
+            _cell(_db(layer.input_sqnr_db)),
+            _cell(_db(layer.output_sqnr_db), "yellow" if layer.output_sqnr_db < 20.0 else ""),
+        ])
+    files = "file" if result.batches_used == 1 else "files"
+    lines = [
+        f"{result.batches_used} data {files} used (batch_num {result.batch_num}) on {result.device}",
+        f"SQNR dB — weight: {SQNR_BASIS['weight']}; input: {SQNR_BASIS['input']}; output: {SQNR_BASIS['output']}",
+    ]
+    if result.fused:
+        lines.append("BatchNorm fused: " + ", ".join(f"{bn} into {conv}" for conv, bn in result.fused))
+    if result.float_layers:
+        lines.append("left in float (quant_enable false): " + ", ".join(result.float_layers))
+    columns = ("Layer", "Type", "Activation", "scale_d", "offset_d", "Weights", "scale_w", "DMQ factor",
+               "BN fused", "Weight SQNR", "Input SQNR", "Output SQNR")
+    title = f"PTQ calibration: model output SQNR {_db(result.model_sqnr_db)} dB ({SQNR_BASIS['model']})"
+    _print_table(_table(title, "\n".join(lines), columns, rows))
+
+
+def render_calibration_summary(result: CalibrationResult | PtqCalibrationResult) -> None:
+    """The per-layer table of a calibration result (KV cache or PTQ), on stderr."""
     from kvcal.calibration.summary import SQNR_BASIS
+    from kvcal.ptq.summary import PtqCalibrationResult
+
+    if isinstance(result, PtqCalibrationResult):
+        render_ptq_summary(result)
+        return
 
     columns = ("Layer", "Tap", "Algorithm", "Granularity", "Channels", "Scale", "Offset", "SQNR dB", "Clipped")
     rows = []

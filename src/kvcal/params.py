@@ -150,8 +150,9 @@ class IfmrParams:
             raise ValueError(f"search_range must satisfy 0 < start < end, got [{start!r}, {end!r}]")
         object.__setattr__(self, "search_range", (start, end))
         step = _as_float("search_step", self.search_step)
-        # Compared as the decimals written in the config (0.2 <= 1.0 - 0.8 holds there, not in binary).
-        if not (0.0 < step and Decimal(repr(step)) <= Decimal(repr(end)) - Decimal(repr(start))):
+        # Also compared as the decimals written in a config: 0.2 <= 1.0 - 0.8 holds there, not in binary.
+        within = step <= end - start or Decimal(repr(step)) <= Decimal(repr(end)) - Decimal(repr(start))
+        if not (0.0 < step and within):
             raise ValueError(
                 f"search_step must be in (0, search_range end - start] = (0, {end - start!r}], got {step!r}"
             )

@@ -1,9 +1,11 @@
 """`kvcal calibrate` as one library call: files in, record (and report) out.
 
-Every cheap check happens before the model is loaded: the device, the output paths
-(none may be another input or output of the run), the dataset listing and the record's
-readability. The report is written in the record's transaction, so an error leaves
-both as they were.
+The config decides the mode: a PTQ config (it has a `version` key) calibrates the whole
+network (`kvcal.ptq.job`), any other the KV cache. Every cheap check happens before the
+model is loaded: the device, the config (for PTQ: `version`, `batch_num` and no ADA
+layer; the rest needs the model and the first batch), the output paths (none may be
+another input or output of the run), the dataset listing and the record's readability.
+The report is written in the record's transaction, so an error leaves both as they were.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from kvcal.calibration.cache_tap import has_cache_tap
@@ -25,11 +29,14 @@ from kvcal.calibration.runner import (
 from kvcal.calibration.summary import CalibrationResult
 from kvcal.calibration.taps import Tap
 from kvcal.device import resolve_device
-from kvcal.errors import KvcalError
+from kvcal.errors import ConfigError, KvcalError
+from kvcal.jsonio import load_json
 from kvcal.kv.config_json import read_config
 from kvcal.kv.plan import check_layers_in_model
 from kvcal.model_loader import load_model
 from kvcal.paths import PathArg, check_distinct_paths
+from kvcal.ptq.config_json import is_ptq_config
+from kvcal.ptq.summary import PtqCalibrationResult
 from kvcal.text_data import TextOptions, open_data
 
 __all__ = ["calibrate_from_files", "report_json"]
@@ -38,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 
-def report_json(result: CalibrationResult) -> bytes:
+def report_json(result: CalibrationResult | PtqCalibrationResult) -> bytes:
     """The `--report` file: `result.to_dict()` as indented JSON."""
     return (json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8")
 
@@ -74,6 +81,20 @@ def _check_paths(record_path: PathArg, report_path: PathArg | None, inputs: list
     check_distinct_paths(outputs, inputs)
 
 
+def _text_options(text: TextOptions | None, model_entry: str, model_args: tuple[str, ...] | list[str]) -> TextOptions:
+    options = text or TextOptions()
+    if options.tokenizer is None:
+        options = dataclasses.replace(options, tokenizer=default_tokenizer(model_entry, model_args))
+    return options
+
+
+def _inputs(config_path: PathArg, files: Iterable[Path], checkpoint: PathArg | None) -> list[tuple[str, PathArg]]:
+    inputs: list[tuple[str, PathArg]] = [("config", config_path), *(("data file", f) for f in files)]
+    if checkpoint is not None:
+        inputs.append(("checkpoint", checkpoint))
+    return inputs
+
+
 def calibrate_from_files(
     *,
     model_entry: str,
@@ -89,26 +110,29 @@ def calibrate_from_files(
     force: bool = False,
     report_path: PathArg | None = None,
     progress: ProgressCallback | None = None,
-) -> CalibrationResult:
+) -> CalibrationResult | PtqCalibrationResult:
     """`kvcal calibrate`: every check that needs no model first, then load the model and run.
 
     Before the model loads: the device, the config (parsed; its layers are checked against
     the model after), the dataset (it must give `batch_num` batches; text is read and the
     tokenizer loaded), the output paths, and the record (writable, lockable, parsable).
+    A PTQ config returns a `PtqCalibrationResult` (`tap` does not apply to it).
 
     Raises:
         KvcalError: any bad input, before the model is loaded wherever it can be known then.
     """
     target = resolve_device(device)
+    document = load_json(config_path)
+    if is_ptq_config(document):
+        return _calibrate_ptq(
+            model_entry=model_entry, model_args=model_args, checkpoint=checkpoint, config_path=config_path,
+            document=document, dataset_dir=dataset_dir, record_path=record_path, target=target, tap=tap,
+            text=text, dry_run=dry_run, force=force, report_path=report_path, progress=progress,
+        )
     plan = read_config(config_path)
-    options = text or TextOptions()
-    if options.tokenizer is None:
-        options = dataclasses.replace(options, tokenizer=default_tokenizer(model_entry, model_args))
+    options = _text_options(text, model_entry, model_args)
     dataset = open_data(dataset_dir, options, needed_batches=plan.batch_num, device=target)
-    inputs = [("config", config_path), *(("data file", f) for f in dataset.files)]
-    if checkpoint is not None:
-        inputs.append(("checkpoint", checkpoint))
-    _check_paths(record_path, report_path, inputs)
+    _check_paths(record_path, report_path, _inputs(config_path, dataset.files, checkpoint))
     check_record_early(record_path, force=force, dry_run=dry_run)
     model = load_model(model_entry, tuple(model_args), checkpoint)
     check_layers_in_model(plan.layer_names, model, os.fspath(config_path))
@@ -126,4 +150,53 @@ def calibrate_from_files(
         progress=progress,
         record_checked=True,
         companions=None if report_file is None else (lambda result: {report_file: report_json(result)}),
+    )
+
+
+def _calibrate_ptq(
+    *,
+    model_entry: str,
+    model_args: tuple[str, ...] | list[str],
+    checkpoint: PathArg | None,
+    config_path: PathArg,
+    document: object,
+    dataset_dir: PathArg,
+    record_path: PathArg,
+    target: torch.device,
+    tap: Tap | str,
+    text: TextOptions | None,
+    dry_run: bool,
+    force: bool,
+    report_path: PathArg | None,
+    progress: ProgressCallback | None,
+) -> PtqCalibrationResult:
+    """The PTQ mode of `calibrate_from_files`: the same early checks, then `run_ptq_calibration`."""
+    from kvcal.ptq.job import run_ptq_calibration
+    from kvcal.ptq.preview import preview_config, refuse_ada
+
+    if Tap(tap) != Tap.AUTO:
+        raise ConfigError(
+            f"--tap {Tap(tap).value} is for KV-cache configs; {os.fspath(config_path)} is a PTQ config, "
+            "which observes each layer's input"
+        )
+    preview = preview_config(config_path, document)
+    refuse_ada(preview)
+    options = _text_options(text, model_entry, model_args)
+    dataset = open_data(dataset_dir, options, needed_batches=preview.batch_num, device=target)
+    _check_paths(record_path, report_path, _inputs(config_path, dataset.files, checkpoint))
+    check_record_early(record_path, force=force, dry_run=dry_run)
+    model = load_model(model_entry, tuple(model_args), checkpoint)
+    report_file = None if report_path is None else Path(report_path)
+    return run_ptq_calibration(
+        model=model,
+        config_path=config_path,
+        dataset_dir=dataset,
+        record_path=record_path,
+        device=target,
+        dry_run=dry_run,
+        force=force,
+        progress=progress,
+        record_checked=True,
+        companions=None if report_file is None else (lambda result: {report_file: report_json(result)}),
+        preview=preview,
     )

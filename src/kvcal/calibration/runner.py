@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from kvcal.calibration.taps import (
     batch_mask,
     resolve_tap,
 )
-from kvcal.dataset import Dataset, open_dataset
+from kvcal.dataset import Batch, Dataset, open_dataset
 from kvcal.device import resolve_device
 from kvcal.errors import CalibrationError, KvcalError, RecordError
 from kvcal.kv.plan import CalibrationPlan
@@ -39,6 +40,9 @@ __all__ = [
     "Companions",
     "attach_observers",
     "check_record_early",
+    "dataset_on",
+    "forward_batch",
+    "run_batches",
     "run_calibration",
 ]
 
@@ -119,6 +123,49 @@ def check_record_early(record_path: str | os.PathLike[str], *, force: bool, dry_
             ) from None
 
 
+def forward_batch(model: Callable[..., Any], batch: Batch, kwargs: dict[str, Any] | None = None) -> Any:
+    """`model(*batch.args, **kwargs)` (the batch's own keyword arguments by default); errors name the file.
+
+    Raises:
+        KvcalError: raised inside the model by kvcal's hooks (NaN/inf, dtype, mask): the same
+            type, with the data file added to its message.
+        CalibrationError: anything else the model raised.
+    """
+    try:
+        return model(*batch.args, **(batch.kwargs if kwargs is None else kwargs))
+    except KvcalError as exc:
+        # Raised by our taps (NaN/inf, dtype, mask): the layer is named, add the file.
+        raise type(exc)(f"data file {batch.path}: {exc}") from exc
+    except Exception as exc:
+        raise CalibrationError(f"the model raised on data file {batch.path}: {type(exc).__name__}: {exc}") from exc
+
+
+def run_batches(
+    batches: Iterable[Batch],
+    step: Callable[[Batch], object],
+    *,
+    complete: Callable[[], bool],
+    progress: ProgressCallback | None,
+    total: int,
+    done: int = 0,
+) -> list[Path]:
+    """Run `step` on each batch until `complete()`; the files used. Shared by the KV and PTQ runs.
+
+    Progress is reported as (done + batches run, total) after each batch; later files are
+    not read.
+    """
+    files_run: list[Path] = []
+    for batch in batches:
+        step(batch)
+        files_run.append(batch.path)
+        del batch  # free the inputs before the next file is loaded
+        if progress is not None:
+            progress(done + len(files_run), total)
+        if complete():
+            break
+    return files_run
+
+
 def _run_batches(
     model: nn.Module,
     dataset: Dataset | TextDataset,
@@ -127,32 +174,20 @@ def _run_batches(
     progress: ProgressCallback | None,
 ) -> list[Path]:
     """Call the model on each batch until every layer is complete; the files used."""
-    files_run: list[Path] = []
-    if progress is not None:
-        progress(0, batch_num)
-    for batch in dataset:
+
+    def step(batch: Batch) -> None:
         active.feed.mask = batch_mask(batch.kwargs)
         try:
-            model(*batch.args, **active.call_kwargs(batch.kwargs))
-        except KvcalError as exc:
-            # Raised by our taps (NaN/inf, dtype, mask): the layer is named, add the file.
-            raise type(exc)(f"data file {batch.path}: {exc}") from exc
-        except Exception as exc:
-            raise CalibrationError(
-                f"the model raised on data file {batch.path}: {type(exc).__name__}: {exc}"
-            ) from exc
+            forward_batch(model, batch, active.call_kwargs(batch.kwargs))
         finally:
             active.feed.mask = None
-        files_run.append(batch.path)
-        del batch  # free the inputs before the next file is loaded
-        if progress is not None:
-            progress(len(files_run), batch_num)
-        if active.feed.complete:
-            break
-    return files_run
+
+    if progress is not None:
+        progress(0, batch_num)
+    return run_batches(dataset, step, complete=lambda: active.feed.complete, progress=progress, total=batch_num)
 
 
-def _dataset_on(
+def dataset_on(
     dataset_dir: str | os.PathLike[str] | Dataset | TextDataset, target: torch.device
 ) -> Dataset | TextDataset:
     if isinstance(dataset_dir, (Dataset, TextDataset)):
@@ -208,7 +243,7 @@ def run_calibration(
         check_record_early(record_path, force=force, dry_run=dry_run)
     model.eval()
     target = place_model(model, device)
-    dataset = _dataset_on(dataset_dir, target)
+    dataset = dataset_on(dataset_dir, target)
     with attach_observers(model, plan, tap=Tap(tap), keep_sample=True) as active, torch.inference_mode():
         files_run = _run_batches(model, dataset, active, plan.batch_num, progress)
         problem = _incomplete_message(active.feed, plan.batch_num, len(files_run), len(dataset))

@@ -1,1 +1,1 @@
-"""PTQ mode: whole-network INT8 quantization config — layer discovery, plan, .cfg, JSON config, API."""
+"""PTQ mode: whole-network INT8 quantization — layer discovery, plan, .cfg, JSON config, API, and calibration."""

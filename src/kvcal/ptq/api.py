@@ -1,5 +1,5 @@
-"""The PTQ front doors: the reference toolkit's `create_quant_config`, and `generate_ptq_config`
-behind `kvcal gen-config --ptq`."""
+"""The PTQ front doors: the reference toolkit's `create_quant_config`, `generate_ptq_config`
+behind `kvcal gen-config --ptq`, and `create_ptq_cali_model` (from `kvcal.ptq.cali_model`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 from kvcal.errors import ConfigError
 from kvcal.params import check_batch_num, check_bool
 from kvcal.paths import check_distinct_paths
+from kvcal.ptq.cali_model import create_ptq_cali_model
 from kvcal.ptq.cfg import PtqCfg, check_cfg_names, load_ptq_cfg, plan_from_cfg
 from kvcal.ptq.config_json import check_output_path, write_config
 from kvcal.ptq.layers import Discovery, discover_layers, missing_name, module_classes
@@ -26,6 +27,7 @@ __all__ = [
     "PtqResult",
     "build_ptq_plan",
     "check_skip_names",
+    "create_ptq_cali_model",
     "create_quant_config",
     "generate_ptq_config",
     "plan_from_arguments",

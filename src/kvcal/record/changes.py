@@ -1,6 +1,9 @@
 """What a record merge changed: per-layer factor comparisons and the overwrite report (data only).
 
-Display text for these lives in `kvcal.output`; `to_dict` gives the JSON form.
+A KV-cache layer's change is a `LayerChange` (its `kv_cache_value`); a PTQ layer's is a
+`PtqLayerChange`, one `FieldChange` per field of its `value` that either side has
+(`scale_d`, `offset_d`, `scale_w`, `offset_w`, `tensor_balance_factor`, `act_type`,
+`wts_type`). Display text for these lives in `kvcal.output`; `to_dict` gives the JSON form.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import numpy as np
 
 from kvcal.floats import f32_json
 
-__all__ = ["Status", "FactorDelta", "LayerChange", "OverwriteReport", "compare_factors"]
+__all__ = [
+    "Status",
+    "FactorDelta",
+    "FieldChange",
+    "LayerChange",
+    "OverwriteReport",
+    "PtqLayerChange",
+    "compare_factors",
+]
 
 Status = Literal["new", "changed", "unchanged"]
 
@@ -69,6 +80,8 @@ def compare_factors(
     scale_changed = not np.array_equal(os_, ns)
     offset_changed = not np.array_equal(oo, no)
     c_old, c_new = _channels(os_, oo), _channels(ns, no)
+    if oo.size == no.size == 0 and os_.size == ns.size:
+        oo = no = np.zeros(os_.size, dtype=np.int64)  # factors without offsets (tensor_balance_factor)
     if not (os_.size == ns.size == oo.size == no.size):
         return FactorDelta(c_old, c_new, scale_changed, offset_changed, None, None, None, None, None, None)
     # float64 for the differences: the float32 inputs are exact in it.
@@ -108,6 +121,8 @@ class LayerChange:
     old_offset: tuple[int, ...] | None = None
     delta: FactorDelta | None = None
 
+    kind = "kv_cache"
+
     @property
     def channels(self) -> int:
         return len(self.new_scale)
@@ -140,16 +155,116 @@ class LayerChange:
         }
 
 
+FieldValue = tuple[float | int | str, ...]
+
+
+@dataclass(frozen=True)
+class FieldChange:
+    """One field of a PTQ `value` entry before and after a merge; None: the field is absent.
+
+    Scalars are 1-tuples; float fields hold float32 values as floats. For a numeric
+    field present on both sides with the same length, `channels_changed` and the
+    largest absolute and relative change are given, else None.
+    """
+
+    field: str
+    old: FieldValue | None
+    new: FieldValue | None
+
+    @property
+    def changed(self) -> bool:
+        if self.old is None or self.new is None:
+            return self.old is not self.new
+        if self.numeric:
+            return not np.array_equal(self._array(self.old), self._array(self.new))
+        return self.old != self.new
+
+    @property
+    def numeric(self) -> bool:
+        values = (self.old or ()) + (self.new or ())
+        return not any(isinstance(v, str) for v in values)
+
+    @staticmethod
+    def _array(values: FieldValue) -> np.ndarray:
+        return np.asarray(values, dtype=np.float64)
+
+    def _comparable(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.old is None or self.new is None or len(self.old) != len(self.new) or not self.numeric:
+            return None
+        return self._array(self.old), self._array(self.new)
+
+    @property
+    def channels_changed(self) -> int | None:
+        pair = self._comparable()
+        return None if pair is None else int(np.count_nonzero(pair[0] != pair[1]))
+
+    @property
+    def largest_change(self) -> float | None:
+        pair = self._comparable()
+        if pair is None or not pair[0].size:
+            return None
+        return _finite_or_none(float(np.abs(pair[1] - pair[0]).max()))
+
+    @property
+    def largest_relative_change(self) -> float | None:
+        pair = self._comparable()
+        if pair is None or not pair[0].size:
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            change = np.abs(pair[1] - pair[0])
+            rel = np.where(change == 0.0, 0.0, change / np.abs(pair[0]))
+        return _finite_or_none(float(rel.max()))
+
+    def to_dict(self) -> dict[str, Any]:
+        def values(v: FieldValue | None) -> list[Any] | None:
+            if v is None:
+                return None
+            return [f32_json(x) if isinstance(x, float) else x for x in v]
+
+        return {
+            "field": self.field,
+            "changed": self.changed,
+            "old": values(self.old),
+            "new": values(self.new),
+            "channels_changed": self.channels_changed,
+            "largest_change": self.largest_change,
+            "largest_relative_change": self.largest_relative_change,
+        }
+
+
+@dataclass(frozen=True)
+class PtqLayerChange:
+    """What merging one PTQ layer did to the PTQ fields of its `value`, in record field order."""
+
+    layer: str
+    status: Status
+    fields: tuple[FieldChange, ...]
+
+    kind = "ptq"
+
+    def field(self, name: str) -> FieldChange | None:
+        """The change of field `name`, or None when neither side has it."""
+        return next((change for change in self.fields if change.field == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "kind": self.kind,
+            "status": self.status,
+            "fields": [change.to_dict() for change in self.fields],
+        }
+
+
 @dataclass(frozen=True)
 class OverwriteReport:
-    """The result of one merge: a `LayerChange` per calibrated layer, in `results` order.
+    """The result of one merge: a `LayerChange` (KV cache) or `PtqLayerChange` per calibrated layer, in `results` order.
 
     `written` is False for a dry run and when nothing changed; `backup` is where an
     unreadable record was moved aside (or would be, in a dry run).
     """
 
     record: str
-    layers: list[LayerChange] = field(default_factory=list)
+    layers: list[LayerChange | PtqLayerChange] = field(default_factory=list)
     backup: str | None = None
     written: bool = False
     dry_run: bool = False

@@ -1,10 +1,11 @@
 """Looking into record files: per-entry summary, every channel of some layers, a diff of two.
 
 An entry can hold several kinds of factors, and each becomes its own row: `kv_cache`
-(`kv_cache_value`), `activation` (`value.scale_d`/`offset_d`) and `weight`
-(`value.scale_w`/`offset_w`); an entry with none of these is one `other` row. Diffs
-compare the factors of each (layer, kind) only, not the other AMCT fields; when a key
-occurs twice, its last entry of that kind counts (as for a reader building a dict).
+(`kv_cache_value`), `activation` (`value.scale_d`/`offset_d`), `weight`
+(`value.scale_w`/`offset_w`) and `balance` (`value.tensor_balance_factor`, DMQ: scales
+without offsets); an entry with none of these is one `other` row. Diffs compare the
+factors of each (layer, kind) only, not the other AMCT fields; when a key occurs twice,
+its last entry of that kind counts (as for a reader building a dict).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = [
     "inspect_record",
 ]
 
-Kind = Literal["kv_cache", "activation", "weight", "other"]
+Kind = Literal["kv_cache", "activation", "weight", "balance", "other"]
 DiffStatus = Literal["added", "removed", "changed", "unchanged"]
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -59,6 +60,8 @@ def entry_factors(entry: MapFiledEntry) -> list[tuple[Kind, tuple[float, ...], t
             )
         if len(v.scale_w) or len(v.offset_w):
             rows.append(("weight", tuple(v.scale_w), tuple(v.offset_w)))
+        if len(v.tensor_balance_factor):
+            rows.append(("balance", tuple(v.tensor_balance_factor), ()))
     if not rows:
         rows.append(("other", (), ()))
     return rows

@@ -1,16 +1,19 @@
-"""The record store (FORMATS.md §4): read a record, merge KV-cache factors into it under a lock.
+"""The record store (FORMATS.md §4): read a record, merge KV-cache and PTQ factors into it under a lock.
 
-`merge_kv_cache` is the one writer. It holds an exclusive lock on `<record>.lock` for the
-whole read-merge-write, writes the new text to a temporary file in the same directory,
-fsyncs it and renames it over the record, so the record on disk is always either the
-old file, byte for byte, or the complete new one.
+`merge_record` is the one writer (`merge_kv_cache` is its KV-only form). It holds an
+exclusive lock on `<record>.lock` for the whole read-merge-write, writes the new text to
+a temporary file in the same directory, fsyncs it and renames it over the record, so the
+record on disk is always either the old file, byte for byte, or the complete new one.
 
 Decisions where FORMATS.md is silent:
 
-* An entry whose key is calibrated keeps everything it has (an AMCT `value` included)
-  and only its `kv_cache_value` is replaced. When a key occurs in several entries, the
-  last entry with a `kv_cache_value` is updated (readers that build a dict see that one),
-  else the first entry with the key; new keys are appended in `results` order.
+* An entry whose key is calibrated keeps everything it has: a KV-cache merge replaces
+  only its `kv_cache_value` (an AMCT `value` is kept); a PTQ merge replaces only the PTQ
+  fields of its `value` (see `kvcal.record.ptq_value`), keeping the other `value` fields
+  and any `kv_cache_value`. When a key occurs in several entries, the last entry with
+  the merged message (`kv_cache_value`, or `value`) is updated (readers that build a dict
+  see that one), else the first entry with the key; new keys are appended in `results`
+  order (KV-cache layers first, then PTQ layers).
 * Nothing changed (every layer unchanged): the record is not rewritten, so its bytes,
   formatting and comments stay as they are.
 * `dry_run` takes no lock and creates no file; it reads the record as it is (the record
@@ -42,7 +45,14 @@ from google.protobuf import text_format
 from kvcal.atomic import atomic_write, existing_mode
 from kvcal.errors import RecordError
 from kvcal.proto.scale_offset_record_pb2 import MapFiledEntry, ScaleOffsetRecord
-from kvcal.record.changes import LayerChange, OverwriteReport, Status, compare_factors
+from kvcal.record.changes import (
+    LayerChange,
+    OverwriteReport,
+    PtqLayerChange,
+    Status,
+    compare_factors,
+)
+from kvcal.record.ptq_value import PtqFactors, compare_value, value_fields, write_value
 from kvcal.textproto import decode_utf8, parse_text
 
 if TYPE_CHECKING:
@@ -67,6 +77,7 @@ __all__ = [
     "parse_record",
     "format_record",
     "merge_kv_cache",
+    "merge_record",
     "check_writable",
 ]
 
@@ -310,29 +321,53 @@ def _free_backup(target: Path) -> Path:
     return candidate
 
 
-def _kv_targets(record: ScaleOffsetRecord) -> dict[str, MapFiledEntry]:
-    """Key → the entry a merge updates (see the module docstring)."""
+def _targets(record: ScaleOffsetRecord, message: str) -> dict[str, MapFiledEntry]:
+    """Key → the entry a merge of `message` (`kv_cache_value` or `value`) updates (see the module docstring)."""
     first: dict[str, MapFiledEntry] = {}
-    with_kv: dict[str, MapFiledEntry] = {}
+    with_message: dict[str, MapFiledEntry] = {}
     for entry in record.record:
         first.setdefault(entry.key, entry)
-        if entry.HasField("kv_cache_value"):
-            with_kv[entry.key] = entry
-    return {**first, **with_kv}
+        if entry.HasField(message):
+            with_message[entry.key] = entry
+    return {**first, **with_message}
 
 
-def _apply(record: ScaleOffsetRecord, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> list[LayerChange]:
-    """Merge `factors` into `record` in place and say what changed."""
-    targets = _kv_targets(record)
-    changes: list[LayerChange] = []
+def _entry(record: ScaleOffsetRecord, targets: dict[str, MapFiledEntry], layer: str) -> MapFiledEntry:
+    """The entry to update for `layer`, appended when the record has none."""
+    entry = targets.get(layer)
+    if entry is None:
+        entry = record.record.add()
+        entry.key = layer
+        targets[layer] = entry
+    return entry
+
+
+def _apply_ptq(record: ScaleOffsetRecord, factors: Mapping[str, PtqFactors]) -> list[PtqLayerChange]:
+    """Merge PTQ `value` fields into `record` in place and say what changed."""
+    targets = _targets(record, "value")
+    changes = []
+    for layer, result in factors.items():
+        entry = _entry(record, targets, layer)
+        new = result.fields()
+        change = compare_value(layer, value_fields(entry.value) if entry.HasField("value") else None, new)
+        if change.status != "unchanged":
+            write_value(entry.value, new)
+        changes.append(change)
+    return changes
+
+
+def _apply(
+    record: ScaleOffsetRecord,
+    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    ptq: Mapping[str, PtqFactors] | None = None,
+) -> list[LayerChange | PtqLayerChange]:
+    """Merge KV-cache `factors` and PTQ values into `record` in place and say what changed."""
+    targets = _targets(record, "kv_cache_value")
+    changes: list[LayerChange | PtqLayerChange] = []
     for layer, (scale, offset) in factors.items():
         new_scale = tuple(float(v) for v in scale)
         new_offset = tuple(int(v) for v in offset)
-        entry = targets.get(layer)
-        if entry is None:
-            entry = record.record.add()
-            entry.key = layer
-            targets[layer] = entry
+        entry = _entry(record, targets, layer)
         if entry.HasField("kv_cache_value"):
             old_scale = tuple(float(v) for v in entry.kv_cache_value.scale)
             old_offset = tuple(int(v) for v in entry.kv_cache_value.offset)
@@ -346,6 +381,8 @@ def _apply(record: ScaleOffsetRecord, factors: Mapping[str, tuple[np.ndarray, np
             entry.ClearField("kv_cache_value")
             entry.kv_cache_value.scale.extend(new_scale)
             entry.kv_cache_value.offset.extend(new_offset)
+    if ptq:
+        changes.extend(_apply_ptq(record, ptq))
     return changes
 
 
@@ -400,13 +437,14 @@ def _merge(
     target: Path,
     source: str,
     factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    ptq: Mapping[str, PtqFactors],
     *,
     force: bool,
     write: bool,
     companions: Companions | None,
 ) -> OverwriteReport:
     data, record, backup = _load_for_merge(target, source, force=force)
-    changes = _apply(record, factors)
+    changes = _apply(record, factors, ptq)
     must_write = backup is not None or any(change.status != "unchanged" for change in changes)
     report = OverwriteReport(
         record=source,
@@ -458,9 +496,38 @@ def merge_kv_cache(
         RecordError: unreadable record (names file and line), lock or write failure.
         ValueError: malformed results (checked before the record is touched).
     """
-    factors = {layer: _checked_factors(layer, qparams) for layer, qparams in results.items()}
+    return merge_record(
+        path, kv=results, dry_run=dry_run, force=force, lock_timeout=lock_timeout, companions=companions
+    )
+
+
+def merge_record(
+    path: PathLike,
+    *,
+    kv: Mapping[str, QParams] | None = None,
+    ptq: Mapping[str, PtqFactors] | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    lock_timeout: float = LOCK_TIMEOUT_S,
+    companions: Companions | None = None,
+) -> OverwriteReport:
+    """Merge KV-cache factors (`kv_cache_value`) and PTQ values (`value` fields) into the record at `path`.
+
+    One atomic, locked read-merge-write; the arguments are those of `merge_kv_cache`, with
+    `ptq` mapping a layer name to its `PtqFactors` (validated when they were built). The
+    report has a `LayerChange` per KV layer, then a `PtqLayerChange` per PTQ layer.
+
+    Raises:
+        RecordError: unreadable record (names file and line), lock or write failure.
+        ValueError: malformed results (checked before the record is touched).
+    """
+    factors = {layer: _checked_factors(layer, qparams) for layer, qparams in (kv or {}).items()}
+    values = dict(ptq or {})
+    bad = next((name for name, result in values.items() if not isinstance(result, PtqFactors)), None)
+    if bad is not None:
+        raise ValueError(f"layer {bad!r}: PTQ results must be PtqFactors, got {type(values[bad]).__name__}")
     target, source = _target(path)
     if dry_run:
-        return _merge(target, source, factors, force=force, write=False, companions=companions)
+        return _merge(target, source, factors, values, force=force, write=False, companions=companions)
     with _exclusive_lock(target, source=source, timeout=lock_timeout):
-        return _merge(target, source, factors, force=force, write=True, companions=companions)
+        return _merge(target, source, factors, values, force=force, write=True, companions=companions)
