@@ -376,6 +376,66 @@ def test_errors_match_the_per_bin_formula() -> None:
         assert torch.allclose(ours, expected, rtol=1e-12, atol=float(scale) * 1e-13), c
 
 
+def test_errors_in_one_pass_are_tails_plus_inside() -> None:
+    """`_errors` (the first candidates, inside and tails in one pass) gives exactly what
+    `_tail_errors` and `_inside_errors` give."""
+    hist = _histograms(8, 4096)
+    gen = torch.Generator().manual_seed(8)
+    left = torch.randint(0, 4096, (hist.shape[0], 9), generator=gen)
+    right = torch.minimum(left + torch.randint(0, 4096, left.shape, generator=gen), torch.tensor(4095))
+    moments = _Moments(hist, torch.float64)
+    tails, errors = hfmg._errors(moments, left, right)
+    base = moments.base[:, None].expand_as(left)
+    inside = _inside_errors(moments, base.reshape(-1), left.reshape(-1), right.reshape(-1)).view(left.shape)
+    assert torch.equal(tails, _tail_errors(moments, moments.base[:, None], left, right))
+    assert torch.equal(errors, tails + inside)
+
+
+@pytest.mark.parametrize("bins", [16, 1024, 4096])
+@pytest.mark.parametrize("seed", range(3))
+def test_first_host_rounds_are_the_first_rounds(bins: int, seed: int) -> None:
+    """`first_host` (the candidates the host search scores up front) gives the first
+    rounds of `run_host` and of the tensor rounds, past any stop."""
+    hist = _histograms(seed, bins)
+    moments = _Moments(hist, torch.float64)
+    left, right = hfmg._Cursors(moments).first_host(12)
+    all_left, all_right, _ = candidate_ranges(hist)
+    count = min(12, all_left.shape[1])
+    assert left.shape == right.shape == (hist.shape[0], 12)
+    assert torch.equal(left[:, :count], all_left[:, :count])
+    assert torch.equal(right[:, :count], all_right[:, :count])
+    never = torch.full((hist.shape[0],), math.inf)  # a limit no bound exceeds
+    host_done = hfmg._host_done(moments, torch.ones(hist.shape[0]), moments.negative, never)
+    host_left, host_right, _ = hfmg._Cursors(moments).run_host(host_done)
+    count = min(12, host_left.shape[1])
+    assert torch.equal(left[:, :count], host_left[:, :count])
+    assert torch.equal(right[:, :count], host_right[:, :count])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    counts=st.lists(st.integers(-3, 50), min_size=16, max_size=300),
+    channels=st.integers(1, 3),
+    span=st.sampled_from([1e-9, 2e-6, 1.0, 50.0]),
+)
+def test_search_does_not_depend_on_how_much_is_scored_up_front(counts: list[int], channels: int,
+                                                                span: float) -> None:
+    """Scoring more or fewer first candidates, seeding or not, host or tensor rounds:
+    every candidate that can win is scored, so the clip ranges are the same."""
+    hist = torch.stack([torch.tensor(counts).roll(3 * c) for c in range(channels)])
+    hist[:, 0] = hist[:, 0].abs() + 1
+    hist[:, -1] = hist[:, -1].abs() + 1
+    low = torch.linspace(-1, 0.5, channels)
+    high = low + span
+    expected = search_clip_ranges(hist, low, high)
+    variants = [("_FIRST_SCORED", 1), ("_FIRST_SCORED", 40), ("_SEED_AFTER", -1), ("_HOST_ROUND_CHANNELS", 0)]
+    for name, value in variants:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(hfmg, name, value)
+            ours = search_clip_ranges(hist, low, high)
+        assert torch.equal(ours[0], expected[0]) and torch.equal(ours[1], expected[1]), name
+
+
 # --- whole calibrations against the reference --------------------------------------------
 
 
@@ -481,6 +541,23 @@ def test_compute_is_pure_and_idempotent() -> None:
     first, second = observer.compute(), observer.compute()
     assert torch.equal(first.scale, second.scale) and torch.equal(first.offset, second.offset)
     assert all(torch.equal(a, b) for a, b in zip(before, _state_copy(observer)))
+
+
+def test_state_and_factors_are_ordinary_tensors() -> None:
+    """The observer works under inference mode inside, and hands out ordinary tensors
+    that the caller may modify in place; it also runs under the caller's inference mode."""
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(200, 3, generator=gen) * (1 + i) for i in range(3)]
+    observer = observe(batches, granularity=1, asymmetric=True, bins=1024)
+    qparams = observer.compute()
+    assert observer.state is not None
+    assert not any(t.is_inference() for t in (*observer.state, qparams.scale, qparams.offset))
+    qparams.scale.mul_(1.0)
+    observer.state[2].add_(0)
+    with torch.inference_mode():
+        inside = observe(batches, granularity=1, asymmetric=True, bins=1024)
+        assert torch.equal(inside.compute().scale, qparams.scale)
+    assert all(torch.equal(a, b) for a, b in zip(_state_copy(inside), _state_copy(observer)))
 
 
 def test_batches_past_batch_num_are_ignored() -> None:

@@ -14,7 +14,7 @@ from kvcal.errors import CalibrationError, ConfigError
 from kvcal.observers import ifmr as ifmr_module
 from kvcal.observers.ifmr import IfmrObserver, candidate_ratios, percentile_rank
 from kvcal.params import HfmgParams, IfmrParams, QuantSettings
-from kvcal.quant import QParams
+from kvcal.quant import QParams, to_channels
 
 KINDS = ("normal", "uniform", "heavy", "relu", "negative", "integers", "outliers", "skewed")
 
@@ -453,3 +453,17 @@ def test_first_argmin_takes_first_tie_and_skips_nan() -> None:
         dtype=torch.float64,
     )
     assert ifmr_module._first_argmin(loss).tolist() == [1, 1, 2, 0]
+
+
+@pytest.mark.parametrize("granularity", [0, 1])
+def test_extrema_are_those_of_the_whole_batch(granularity: int) -> None:
+    """The NaN/inf check reduces the batch in its memory order: the same min and max."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 50, 16, generator=gen)
+    observer = IfmrObserver(ifmr_settings(granularity), "v_proj")
+    view = to_channels(x, granularity)
+    low, high = observer._extrema(view)
+    assert low.dim() == high.dim() == 0
+    assert float(low) == float(x.min()) and float(high) == float(x.max())
+    x[1, 7, 3] = math.nan
+    assert all(math.isnan(float(v)) for v in observer._extrema(to_channels(x, granularity)))
