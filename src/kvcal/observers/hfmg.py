@@ -507,7 +507,7 @@ def _zero_error(width: Tensor, left: Tensor, right: Tensor) -> Tensor:
 
 
 def _host_done(
-    moments: _Moments, width: Tensor, negative: Tensor, limit: Tensor
+    moments: _Moments, width: Tensor, negative: Tensor, limit: Tensor, zero_possible: bool = True
 ) -> Callable[[int, int, int], bool]:
     """The `done` of `search_clip_ranges` for `_Cursors.run_host`, on Python numbers.
 
@@ -515,13 +515,14 @@ def _host_done(
     exact like int64 here), converted to float64 (Python floats), then the same float64
     operations in the same order. The error-0 test is `_zero_error` itself: as d only
     grows with n = R - L + 1, it holds for n up to some count per channel, found once
-    from the test of every n (skipped when not even n = 1 passes).
+    from the test of every n (skipped when not even n = 1 passes, or `zero_possible`
+    says so already).
     """
     channels, bins = moments.running.shape[0], moments.bins
     rows = moments.host_rows()
     limits = limit.tolist()
     zero_upto = [0] * channels  # error 0 exactly for n <= zero_upto[c]
-    if bool(((width / 256) < EPS).any()):  # d < EPS for n = 1 somewhere
+    if zero_possible and bool(((width / 256) < EPS).any()):  # d < EPS for n = 1 somewhere
         n = torch.arange(1, bins + 1, device=width.device)
         zero_upto = (_zero_error(width[:, None], torch.zeros_like(n), n - 1) & ~negative[:, None]).sum(1).tolist()
 
@@ -582,8 +583,9 @@ def search_clip_ranges(hist: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Te
     # Lower bounds may stop a channel only if no later candidate can have d < EPS (error 0).
     may_be_zero = (width / 256) < EPS  # d < EPS for n = 1: d only grows with n
     limit = torch.where(negative | may_be_zero, float("inf"), first_err + first_err.abs() * 1e-9)
+    zero_possible = bool(may_be_zero.any())
     if host:
-        left, right, valid = cursors.run_host(_host_done(moments, width, negative, limit))
+        left, right, valid = cursors.run_host(_host_done(moments, width, negative, limit, zero_possible))
     else:
         left, right, valid = cursors.run(_tensor_done(moments, width, negative, limit))
     errors = _candidate_errors(moments, width, (first_tails, scored), (left, right, valid))
@@ -740,12 +742,13 @@ class HfmgObserver(Observer):
         new_lo, new_hi = torch.minimum(lo, low), torch.maximum(hi, high)
         self._check_range(new_lo, new_hi)
         # Channel block by channel block, in place: the old block is folded before it is
-        # overwritten, so no second [C, B] histogram is ever alive.
+        # overwritten, so no second [C, B] histogram is ever alive. The fold goes first: its
+        # small operations then follow the extrema's, not the binning's, pass over the data.
         with torch.inference_mode():
             blocks = _in_blocks(self._channel_step(), x, hist, lo, hi, new_lo, new_hi)
             for block, hist_b, lo_b, hi_b, new_lo_b, new_hi_b in blocks:
-                new = bin_channels(block, new_lo_b, new_hi_b, bins)
-                torch.add(new, fold_histograms(hist_b, lo_b, hi_b, new_lo_b, new_hi_b), out=hist_b)
+                folded = fold_histograms(hist_b, lo_b, hi_b, new_lo_b, new_hi_b)
+                torch.add(folded, bin_channels(block, new_lo_b, new_hi_b, bins), out=hist_b)
         self._lo, self._hi = new_lo, new_hi
 
     def _compute(self) -> QParams:
