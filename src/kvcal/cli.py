@@ -86,8 +86,25 @@ def model_options(func: F) -> F:
     return func
 
 
+_TEXT_PARAMS = ("tokenizer", "text_field", "seq_len", "batch_size", "num_samples")
+
+
 def text_options(func: F) -> F:
-    """--tokenizer, --text-field, --seq-len, --batch-size and --num-samples: how text datasets are batched."""
+    """--tokenizer, --text-field, --seq-len, --batch-size and --num-samples: how text datasets are batched.
+
+    The command receives them as one `text: TextOptions` argument.
+    """
+
+    command = func
+
+    @functools.wraps(command)
+    def with_text(*args: Any, **kwargs: Any) -> Any:
+        from kvcal.text_data import TextOptions
+
+        kwargs["text"] = TextOptions(*(kwargs.pop(name) for name in _TEXT_PARAMS))
+        return command(*args, **kwargs)
+
+    func = with_text  # type: ignore[assignment]
     func = click.option(
         "--num-samples", type=click.IntRange(min=1), default=None,
         help="Text: use at most this many samples (default: as many as batch_num batches need).",
@@ -218,11 +235,7 @@ def gen_config_command(
     dataset_dir: str | None,
     skip_layers: tuple[str, ...],
     activation_offset: bool | None,
-    tokenizer: str | None,
-    text_field: str,
-    seq_len: int,
-    batch_size: int,
-    num_samples: int | None,
+    text: TextOptions,
     output: str,
 ) -> None:
     """Build the per-layer JSON config of a model from a .cfg or a list of layers.
@@ -243,14 +256,19 @@ def gen_config_command(
     --skip-layers/--batch-num/--activation-offset give the defaults to every layer.
     """
     if ptq:
-        from kvcal.text_data import TextOptions
-
-        text = TextOptions(tokenizer, text_field, seq_len, batch_size, num_samples)
         _gen_ptq_config(model_entry, model_args, checkpoint, cfg, quant_layers, batch_num, algo, granularity,
                         dataset_dir, skip_layers, activation_offset, output, text)
-        return
-    if dataset_dir is not None or skip_layers or activation_offset is not None:
-        raise click.UsageError("--dataset, --skip-layers and --activation-offset go with --ptq")
+    else:
+        if dataset_dir is not None or skip_layers or activation_offset is not None:
+            raise click.UsageError("--dataset, --skip-layers and --activation-offset go with --ptq")
+        _gen_kv_config(model_entry, model_args, checkpoint, cfg, quant_layers, batch_num, algo, granularity, output)
+
+
+def _gen_kv_config(
+    model_entry: str, model_args: tuple[str, ...], checkpoint: str | None, cfg: str | None,
+    quant_layers: tuple[str, ...], batch_num: int | None, algo: str | None, granularity: str | None, output: str,
+) -> None:
+    """`gen-config` without --ptq: usage checks, the model-free .cfg checks, then `kvcal.kv.api.generate_config`."""
     if (cfg is None) == (not quant_layers):
         raise click.UsageError("give exactly one of --cfg and --quant-layers")
     if cfg is not None and (batch_num, algo, granularity) != (None, None, None):
@@ -408,11 +426,7 @@ def calibrate_command(
     record_path: str,
     device: str,
     tap: str,
-    tokenizer: str | None,
-    text_field: str,
-    seq_len: int,
-    batch_size: int,
-    num_samples: int | None,
+    text: TextOptions,
     dry_run: bool,
     report_path: str | None,
     quiet: bool,
@@ -443,7 +457,6 @@ def calibrate_command(
         render_calibration_summary,
         render_overwrite_report,
     )
-    from kvcal.text_data import TextOptions
 
     with library_warnings(), calibration_progress(enabled=not quiet) as progress:
         result = calibrate_from_files(
@@ -455,7 +468,7 @@ def calibrate_command(
             record_path=record_path,
             device=device,
             tap=tap,
-            text=TextOptions(tokenizer, text_field, seq_len, batch_size, num_samples),
+            text=text,
             dry_run=dry_run,
             force=force,
             report_path=report_path,

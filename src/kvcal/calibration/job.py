@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from kvcal.calibration.runner import (
 )
 from kvcal.calibration.summary import CalibrationResult
 from kvcal.calibration.taps import Tap
+from kvcal.dataset import Dataset
 from kvcal.device import resolve_device
 from kvcal.errors import ConfigError, KvcalError
 from kvcal.jsonio import load_json
@@ -37,12 +38,11 @@ from kvcal.model_loader import load_model
 from kvcal.paths import PathArg, check_distinct_paths
 from kvcal.ptq.config_json import is_ptq_config
 from kvcal.ptq.summary import PtqCalibrationResult
-from kvcal.text_data import TextOptions, open_data
+from kvcal.text_data import TextDataset, TextOptions, open_data
 
 __all__ = ["calibrate_from_files", "report_json"]
 
 logger = logging.getLogger(__name__)
-
 
 
 def report_json(result: CalibrationResult | PtqCalibrationResult) -> bytes:
@@ -95,6 +95,45 @@ def _inputs(config_path: PathArg, files: Iterable[Path], checkpoint: PathArg | N
     return inputs
 
 
+_ReportFile = Callable[[CalibrationResult | PtqCalibrationResult], Mapping[Path, bytes]]
+"""The `--report` file, written in the record's transaction (either mode's result)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sources:
+    """Where a run reads and writes: the command's file arguments and options."""
+
+    model_entry: str
+    model_args: tuple[str, ...]
+    checkpoint: PathArg | None
+    config_path: PathArg
+    dataset_dir: PathArg
+    record_path: PathArg
+    report_path: PathArg | None
+    text: TextOptions | None
+    dry_run: bool
+    force: bool
+
+
+def _open_and_load(
+    sources: _Sources, batch_num: int, target: torch.device
+) -> tuple[Dataset | TextDataset, nn.Module, _ReportFile | None]:
+    """The checks shared by both modes, then the model: (dataset, model, report companion).
+
+    The dataset must give `batch_num` batches, no output may be another input or output,
+    and the record must take the result; only then is the model loaded.
+    """
+    options = _text_options(sources.text, sources.model_entry, sources.model_args)
+    dataset = open_data(sources.dataset_dir, options, needed_batches=batch_num, device=target)
+    _check_paths(sources.record_path, sources.report_path, _inputs(sources.config_path, dataset.files, sources.checkpoint))
+    check_record_early(sources.record_path, force=sources.force, dry_run=sources.dry_run)
+    model = load_model(sources.model_entry, sources.model_args, sources.checkpoint)
+    if sources.report_path is None:
+        return dataset, model, None
+    report_file = Path(sources.report_path)
+    return dataset, model, lambda result: {report_file: report_json(result)}
+
+
 def calibrate_from_files(
     *,
     model_entry: str,
@@ -123,21 +162,14 @@ def calibrate_from_files(
     """
     target = resolve_device(device)
     document = load_json(config_path)
+    sources = _Sources(model_entry, tuple(model_args), checkpoint, config_path, dataset_dir, record_path,
+                       report_path, text, dry_run, force)
     if is_ptq_config(document):
-        return _calibrate_ptq(
-            model_entry=model_entry, model_args=model_args, checkpoint=checkpoint, config_path=config_path,
-            document=document, dataset_dir=dataset_dir, record_path=record_path, target=target, tap=tap,
-            text=text, dry_run=dry_run, force=force, report_path=report_path, progress=progress,
-        )
+        return _calibrate_ptq(sources, document, target, Tap(tap), progress)
     plan = read_config(config_path)
-    options = _text_options(text, model_entry, model_args)
-    dataset = open_data(dataset_dir, options, needed_batches=plan.batch_num, device=target)
-    _check_paths(record_path, report_path, _inputs(config_path, dataset.files, checkpoint))
-    check_record_early(record_path, force=force, dry_run=dry_run)
-    model = load_model(model_entry, tuple(model_args), checkpoint)
+    dataset, model, companions = _open_and_load(sources, plan.batch_num, target)
     check_layers_in_model(plan.layer_names, model, os.fspath(config_path))
     _warn_about_proj_tap(model, Tap(tap))
-    report_file = None if report_path is None else Path(report_path)
     return run_calibration(
         model=model,
         plan=plan,
@@ -149,54 +181,35 @@ def calibrate_from_files(
         force=force,
         progress=progress,
         record_checked=True,
-        companions=None if report_file is None else (lambda result: {report_file: report_json(result)}),
+        companions=companions,
     )
 
 
 def _calibrate_ptq(
-    *,
-    model_entry: str,
-    model_args: tuple[str, ...] | list[str],
-    checkpoint: PathArg | None,
-    config_path: PathArg,
-    document: object,
-    dataset_dir: PathArg,
-    record_path: PathArg,
-    target: torch.device,
-    tap: Tap | str,
-    text: TextOptions | None,
-    dry_run: bool,
-    force: bool,
-    report_path: PathArg | None,
-    progress: ProgressCallback | None,
+    sources: _Sources, document: object, target: torch.device, tap: Tap, progress: ProgressCallback | None
 ) -> PtqCalibrationResult:
     """The PTQ mode of `calibrate_from_files`: the same early checks, then `run_ptq_calibration`."""
     from kvcal.ptq.job import run_ptq_calibration
     from kvcal.ptq.preview import preview_config, refuse_ada
 
-    if Tap(tap) != Tap.AUTO:
+    if tap != Tap.AUTO:
         raise ConfigError(
-            f"--tap {Tap(tap).value} is for KV-cache configs; {os.fspath(config_path)} is a PTQ config, "
+            f"--tap {tap.value} is for KV-cache configs; {os.fspath(sources.config_path)} is a PTQ config, "
             "which observes each layer's input"
         )
-    preview = preview_config(config_path, document)
+    preview = preview_config(sources.config_path, document)
     refuse_ada(preview)
-    options = _text_options(text, model_entry, model_args)
-    dataset = open_data(dataset_dir, options, needed_batches=preview.batch_num, device=target)
-    _check_paths(record_path, report_path, _inputs(config_path, dataset.files, checkpoint))
-    check_record_early(record_path, force=force, dry_run=dry_run)
-    model = load_model(model_entry, tuple(model_args), checkpoint)
-    report_file = None if report_path is None else Path(report_path)
+    dataset, model, companions = _open_and_load(sources, preview.batch_num, target)
     return run_ptq_calibration(
         model=model,
-        config_path=config_path,
+        config_path=sources.config_path,
         dataset_dir=dataset,
-        record_path=record_path,
+        record_path=sources.record_path,
         device=target,
-        dry_run=dry_run,
-        force=force,
+        dry_run=sources.dry_run,
+        force=sources.force,
         progress=progress,
         record_checked=True,
-        companions=None if report_file is None else (lambda result: {report_file: report_json(result)}),
+        companions=companions,
         preview=preview,
     )

@@ -36,8 +36,8 @@ from kvcal.record.store import check_writable, load_or_empty, merge_kv_cache
 from kvcal.text_data import TextDataset
 
 __all__ = [
-    "ProgressCallback",
     "Companions",
+    "ProgressCallback",
     "attach_observers",
     "check_record_early",
     "dataset_on",
@@ -195,6 +195,19 @@ def dataset_on(
     return open_dataset(dataset_dir, target)
 
 
+def _observe(
+    model: nn.Module, plan: CalibrationPlan, dataset: Dataset | TextDataset, tap: Tap, progress: ProgressCallback | None
+) -> tuple[list[Path], dict[str, QParams], tuple[LayerSummary, ...]]:
+    """The batches through the observed model, then each layer's factors: (files run, factors, summaries)."""
+    with attach_observers(model, plan, tap=tap, keep_sample=True) as active, torch.inference_mode():
+        files_run = _run_batches(model, dataset, active, plan.batch_num, progress)
+        problem = _incomplete_message(active.feed, plan.batch_num, len(files_run), len(dataset))
+        if problem is not None:
+            raise CalibrationError(problem)
+        results = {name: observer.compute().cpu() for name, observer in active.feed.observers.items()}
+        return files_run, results, _summaries(active, results)
+
+
 def _summaries(active: ActiveTap, results: Mapping[str, QParams]) -> tuple[LayerSummary, ...]:
     feed = active.feed
     return tuple(
@@ -244,13 +257,7 @@ def run_calibration(
     model.eval()
     target = place_model(model, device)
     dataset = dataset_on(dataset_dir, target)
-    with attach_observers(model, plan, tap=Tap(tap), keep_sample=True) as active, torch.inference_mode():
-        files_run = _run_batches(model, dataset, active, plan.batch_num, progress)
-        problem = _incomplete_message(active.feed, plan.batch_num, len(files_run), len(dataset))
-        if problem is not None:
-            raise CalibrationError(problem)
-        results = {name: observer.compute().cpu() for name, observer in active.feed.observers.items()}
-        summaries = _summaries(active, results)
+    files_run, results, summaries = _observe(model, plan, dataset, Tap(tap), progress)
 
     def result_of(report: OverwriteReport) -> CalibrationResult:
         return CalibrationResult(

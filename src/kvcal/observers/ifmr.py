@@ -123,6 +123,41 @@ def _sum_error_bound(terms: int, partials: int) -> float:
     return low + high + low * high + 1e-15
 
 
+def _squared_errors(chunk: Tensor, out: Tensor, s: Tensor, lo: Tensor, hi: Tensor, lo_floor: bool, free: bool) -> None:
+    """`out` [K, n, C] = (round(clamp(chunk, lo, hi) / s) * s - chunk)^2, per candidate, in float32.
+
+    The same float32 operations, in the same order, as the definition. clamp is spelt
+    maximum then minimum (equal for lo <= hi): the 3-tensor clamp kernel is many times
+    slower. A `free` chunk lies inside every candidate's clip range and needs neither; a
+    `lo_floor` lower bound (shared by all candidates, [1, C], below every value) is not applied.
+
+    Args:
+        chunk: [n, C] float32 values.
+        out: [K, n, C] float32 buffer.
+        s: [K, 1, C] candidate scales; hi: [K, 1, C] upper bounds.
+        lo: [1, C] (shared) or [K, C] lower bounds.
+    """
+    if lo.shape[0] == 1:
+        low_clamped = chunk if lo_floor else torch.maximum(chunk, lo)  # [n, C]
+        if free:
+            torch.div(low_clamped, s, out=out)
+        else:
+            torch.minimum(low_clamped, hi, out=out).div_(s)
+    elif free:
+        torch.div(chunk, s, out=out)
+    else:
+        torch.minimum(torch.maximum(chunk, lo.unsqueeze(1), out=out), hi, out=out).div_(s)
+    out.round_().mul_(s)
+    if out.device.type in _FUSED_SQUARE_DEVICES:
+        # (out - x)^2 in one pass instead of two. Per element the mse kernel computes
+        # `diff = a - b; diff * diff`: the same two float32 roundings as sub_ then square_,
+        # so the values are bit-identical (a square has no addend, so no fused multiply-add
+        # can form). The reduction is 'none'.
+        _MSE_OUT(out, chunk.expand_as(out), 0, out=out)
+    else:
+        out.sub_(chunk).square_()
+
+
 def _nan_to_inf(loss: Tensor) -> Tensor:
     return torch.where(torch.isnan(loss), torch.full_like(loss, float("inf")), loss)
 
@@ -315,12 +350,9 @@ class IfmrObserver(Observer):
             rows = -(-values // -(-values // rows))
         acc_dtype = torch.float64 if device.type in _FLOAT64_DEVICES else torch.float32
         total = torch.zeros(candidates, channels, dtype=acc_dtype, device=device)
-        s = scales.unsqueeze(1)  # [K, 1, C]
-        lo3, hi3 = lo.unsqueeze(1), hi.unsqueeze(1)
         shared_lo = lo.shape[0] == 1
         work = torch.empty(candidates, rows, channels, dtype=torch.float32, device=device)
         wide_work = torch.empty_like(work, dtype=acc_dtype) if wide and acc_dtype != torch.float32 else None
-        fused_square = device.type in _FUSED_SQUARE_DEVICES
         # Every candidate's clamp leaves x in [free_lo, free_hi] as it is, after the shared
         # lower clamp: a chunk that lies there can skip the [K, rows, C] clamp passes.
         # Checked on CPU (one host read per chunk), and only while it pays.
@@ -331,41 +363,18 @@ class IfmrObserver(Observer):
         for chunk in _float32_chunks(self._parts, rows):
             partials += 1
             n = chunk.shape[0]
-            buf = work[:, :n]
             free = False
             if check_free:
                 low, high = (float(v) for v in torch.aminmax(chunk))
                 free = high <= free_hi and (free_lo <= free_hi if shared_lo else free_lo <= low)
                 hits, misses = hits + free, misses + (not free)
                 check_free = misses <= hits + 2
-            # Same float32 operations, in the same order, as the definition:
-            # round(clamp(x, lo, hi) / s) * s - x, squared. clamp is spelt maximum then
-            # minimum (equal for lo <= hi): the 3-tensor clamp kernel is many times slower.
-            # A free chunk needs neither; a floor `lo` is not applied (see _compute).
-            if shared_lo:
-                low_clamped = chunk if lo_floor else torch.maximum(chunk, lo)  # [n, C]
-                if free:
-                    torch.div(low_clamped, s, out=buf)
-                else:
-                    torch.minimum(low_clamped, hi3, out=buf).div_(s)
-            elif free:
-                torch.div(chunk, s, out=buf)
-            else:
-                torch.minimum(torch.maximum(chunk, lo3, out=buf), hi3, out=buf).div_(s)
-            buf.round_().mul_(s)
-            if fused_square:
-                # (buf - x)^2 in one pass instead of two. Per element the mse kernel
-                # computes `diff = a - b; diff * diff`: the same two float32 roundings as
-                # sub_ then square_, so the values are bit-identical (a square has no
-                # addend, so no fused multiply-add can form). The reduction is 'none'.
-                _MSE_OUT(buf, chunk.expand_as(buf), 0, out=buf)
-            else:
-                buf.sub_(chunk).square_()
+            _squared_errors(chunk, work[:, :n], scales.unsqueeze(1), lo, hi.unsqueeze(1), lo_floor, free)
             if wide_work is None:
-                total += buf.sum(dim=1)
+                total += work[:, :n].sum(dim=1)
             else:
                 acc = wide_work[:, :n]
-                acc.copy_(buf)
+                acc.copy_(work[:, :n])
                 total += acc.sum(dim=1)
         if wide_work is not None:
             return total, 1, partials * rows
