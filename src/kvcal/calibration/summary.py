@@ -22,7 +22,7 @@ from kvcal.params import QuantSettings
 from kvcal.quant import Granularity, QParams, clipped_fraction, fake_quant, sqnr_db
 from kvcal.record.changes import OverwriteReport
 
-__all__ = ["SQNR_BASIS", "LayerSummary", "CalibrationResult", "summarize_layer"]
+__all__ = ["SQNR_BASIS", "CalibrationResult", "LayerSummary", "RunResult", "summarize_layer"]
 
 SQNR_BASIS = (
     f"last calibration batch of each layer (an evenly strided sample of at most {SQNR_SAMPLE_LIMIT} values)"
@@ -98,11 +98,10 @@ def summarize_layer(
     )
 
 
-@dataclass(frozen=True)
-class CalibrationResult:
-    """What `run_calibration` did: per-layer summary, data used and the record report."""
+@dataclass(frozen=True, kw_only=True)
+class RunResult:
+    """What every calibration run reports besides its layers: the data used, the device, the record."""
 
-    layers: tuple[LayerSummary, ...]
     batch_num: int
     data_files: tuple[Path, ...]
     skipped_files: tuple[Path, ...]
@@ -110,14 +109,13 @@ class CalibrationResult:
     record_path: Path
     dry_run: bool
     report: OverwriteReport
-    qparams: dict[str, QParams] = field(default_factory=dict, repr=False)
 
     @property
     def batches_used(self) -> int:
         return len(self.data_files)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The `--report` JSON: summary plus overwrite report."""
+    def run_dict(self) -> dict[str, Any]:
+        """The run's fields of the `--report` JSON, in their order there."""
         return {
             "record": str(self.record_path),
             "dry_run": self.dry_run,
@@ -126,6 +124,20 @@ class CalibrationResult:
             "batches_used": self.batches_used,
             "data_files": [str(path) for path in self.data_files],
             "skipped_files": [str(path) for path in self.skipped_files],
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationResult(RunResult):
+    """What `run_calibration` did: per-layer summary, data used and the record report."""
+
+    layers: tuple[LayerSummary, ...]
+    qparams: dict[str, QParams] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--report` JSON: summary plus overwrite report."""
+        return {
+            **self.run_dict(),
             "sqnr_basis": SQNR_BASIS,
             "layers": [layer.to_dict() for layer in self.layers],
             "overwrite_report": self.report.to_dict(),

@@ -13,16 +13,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from kvcal.calibration.summary import RunResult
 from kvcal.floats import f32_json
 from kvcal.quant import QParams, clipped_fraction, fake_quant, sqnr_db
-from kvcal.record.changes import OverwriteReport
 from kvcal.record.ptq_value import PtqFactors
 
 __all__ = [
@@ -163,26 +162,15 @@ class PtqLayerSummary:
         }
 
 
-@dataclass(frozen=True)
-class PtqCalibrationResult:
+@dataclass(frozen=True, kw_only=True)
+class PtqCalibrationResult(RunResult):
     """What a PTQ calibration did: per-layer summary (config order), model SQNR, data used, record report."""
 
     layers: tuple[PtqLayerSummary, ...]
     model_sqnr_db: float
     float_layers: tuple[str, ...]
     fused: tuple[tuple[str, str], ...]
-    batch_num: int
-    data_files: tuple[Path, ...]
-    skipped_files: tuple[Path, ...]
-    device: str
-    record_path: Path
-    dry_run: bool
-    report: OverwriteReport
     factors: dict[str, PtqFactors] = field(default_factory=dict, repr=False)
-
-    @property
-    def batches_used(self) -> int:
-        return len(self.data_files)
 
     def worst_first(self) -> list[PtqLayerSummary]:
         """The layers by output SQNR, lowest first (NaN last)."""
@@ -192,13 +180,7 @@ class PtqCalibrationResult:
         """The `--report` JSON: summary plus overwrite report."""
         return {
             "mode": "ptq",
-            "record": str(self.record_path),
-            "dry_run": self.dry_run,
-            "device": self.device,
-            "batch_num": self.batch_num,
-            "batches_used": self.batches_used,
-            "data_files": [str(path) for path in self.data_files],
-            "skipped_files": [str(path) for path in self.skipped_files],
+            **self.run_dict(),
             "model_sqnr_db": _json_float(self.model_sqnr_db),
             "sqnr_basis": dict(SQNR_BASIS),
             "fused_bn": [{"conv": conv, "bn": bn} for conv, bn in self.fused],
