@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_capture import capture_outputs
 from torch import Tensor, nn
 
 from kvcal import create_quant_cali_model
@@ -100,22 +101,6 @@ def kv_entries(path: Path) -> dict[str, tuple[list[float], list[int]]]:
         for entry in read_record(path).record
         if entry.HasField("kv_cache_value")
     }
-
-
-def capture_outputs(model: nn.Module, names: list[str], batches: list[Tensor]) -> dict[str, list[Tensor]]:
-    """Each named module's outputs over `batches`, by plain hooks (the reference)."""
-    outputs: dict[str, list[Tensor]] = {name: [] for name in names}
-    modules = dict(model.named_modules())
-    handles = [
-        modules[name].register_forward_hook(lambda m, i, o, name=name: outputs[name].append(o.detach().clone()))
-        for name in names
-    ]
-    with torch.no_grad():
-        for batch in batches:
-            model(batch)
-    for handle in handles:
-        handle.remove()
-    return outputs
 
 
 def all_hooks(model: nn.Module) -> int:

@@ -7,17 +7,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from record_files import CORRUPT, FULL, K0, K1, PER_CHANNEL, V0
 
 from kvcal.cli import main
-
-DATA = Path(__file__).parent / "data" / "records"
-FULL = DATA / "amct_full.txt"
-PER_CHANNEL = DATA / "per_channel.txt"
-CORRUPT = DATA / "corrupt.txt"
-
-K0 = "model.layers.0.self_attn.k_proj"
-V0 = "model.layers.0.self_attn.v_proj"
-K1 = "model.layers.1.self_attn.k_proj"
 
 
 def run(*args: str | Path) -> Result:

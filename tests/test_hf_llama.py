@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from click.testing import CliRunner
+from reference_capture import capture_outputs
 
 from kvcal.calibration.runner import run_calibration
 from kvcal.cli import main
@@ -65,22 +66,6 @@ def write_batches(directory: Path, count: int) -> list[dict[str, torch.Tensor]]:
     return batches
 
 
-def observed_kv(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-    """The K/V projection outputs over `batches`, captured by plain hooks."""
-    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in KV_NAMES}
-    modules = dict(model.named_modules())
-    handles = [
-        modules[name].register_forward_hook(lambda m, i, o, name=name: outputs[name].append(o.detach().clone()))
-        for name in KV_NAMES
-    ]
-    with torch.inference_mode():
-        for batch in batches:
-            model(**batch)
-    for handle in handles:
-        handle.remove()
-    return outputs
-
-
 def check_record(record: Path, observed: dict[str, list[torch.Tensor]], granularity: dict[str, int]) -> None:
     entries = {e.key: e.kv_cache_value for e in read_record(record).record if e.HasField("kv_cache_value")}
     assert sorted(entries) == sorted(KV_NAMES)
@@ -98,7 +83,7 @@ def check_record(record: Path, observed: dict[str, list[torch.Tensor]], granular
 def test_library_calibrates_every_kv_projection(tmp_path: Path) -> None:
     model, _ = build_model(tmp_path)
     batches = write_batches(tmp_path / "data", BATCH_NUM + 1)
-    observed = observed_kv(model, batches[:BATCH_NUM])
+    observed = capture_outputs(model, KV_NAMES, batches[:BATCH_NUM])
     layers = []
     for name in KV_NAMES:
         params = HfmgParams() if name.endswith("k_proj") else IfmrParams()
@@ -120,7 +105,7 @@ def test_library_calibrates_every_kv_projection(tmp_path: Path) -> None:
 def test_cli_gen_config_and_calibrate(tmp_path: Path) -> None:
     model, source = build_model(tmp_path)
     batches = write_batches(tmp_path / "data", BATCH_NUM)
-    observed = observed_kv(model, batches)
+    observed = capture_outputs(model, KV_NAMES, batches)
     quant_layers = "\n".join(f"    quant_layers: '{name}'" for name in KV_NAMES)
     overrides = "\n".join(
         f"override_layers_configs {{\n    layer_name: '{name}'\n"

@@ -177,6 +177,45 @@ def test_large_rank_percentiles_over_chunks(monkeypatch: pytest.MonkeyPatch) -> 
     assert_matches_reference(observe(batches, settings_).compute(), batches, settings_)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("pool_limit", [1 << 20, 40])
+def test_per_tensor_percentile_threshold_filter(monkeypatch: pytest.MonkeyPatch, kind: str, pool_limit: int) -> None:
+    # Small blocks and chunks put the block-maxima filter to work on small data (and a
+    # small pool limit sends data with many equal values back to the running top-k).
+    monkeypatch.setattr(ifmr_module, "_THRESHOLD_BLOCK", 7)
+    monkeypatch.setattr(ifmr_module, "_PERCENTILE_BUDGET", 50)
+    monkeypatch.setattr(ifmr_module, "_THRESHOLD_POOL_LIMIT", pool_limit)
+    filtered: list[bool] = []
+    real = ifmr_module._kth_extremes_by_threshold
+
+    def spy(*args: object) -> object:
+        found = real(*args)  # type: ignore[arg-type]
+        filtered.append(found is not None)
+        return found
+
+    monkeypatch.setattr(ifmr_module, "_kth_extremes_by_threshold", spy)
+    batches = [make_data(kind, (n,), seed=n) for n in (333, 64, 1, 501)]
+    settings_ = ifmr_settings(0, True, len(batches), max_percentile=0.99, min_percentile=0.97)
+    assert_matches_reference(observe(batches, settings_).compute(), batches, settings_)
+    # Integers, and relu's many zeros at the low end, overflow the small pool: those go
+    # back to the running top-k; everything else is filtered.
+    assert filtered == [pool_limit > 40 or kind not in ("integers", "relu")]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_threshold_filter_gives_the_kth_extremes(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    monkeypatch.setattr(ifmr_module, "_THRESHOLD_BLOCK", 5)
+    monkeypatch.setattr(ifmr_module, "_PERCENTILE_BUDGET", 33)
+    gen = torch.Generator().manual_seed(seed)
+    parts = [torch.randint(-20, 20, (n, 1), generator=gen).to(torch.float16) for n in (97, 3, 200)]
+    values = torch.cat(parts).reshape(-1).to(torch.float32).sort().values
+    for k_max, k_min in [(1, 9), (7, 1), (30, 30), (59, 2)]:
+        found = ifmr_module._kth_extremes_by_threshold(parts, k_max, k_min)
+        assert found is not None
+        assert float(found[0]) == float(values[-k_max]) and float(found[1]) == float(values[k_min - 1])
+    assert ifmr_module._kth_extremes_by_threshold(parts, 200, 1) is None  # fewer blocks than k
+
+
 def test_near_tie_resolved_beyond_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     # max_init is tiny next to |min_init|: both candidates' losses agree to 3e-8 relative,
     # which float32 sums cannot tell apart; the exact argmin is the second candidate.

@@ -2,40 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from ptq_helpers import (
+    PTQ_DATA,
+    ROOT,
+    one_torch_thread,  # noqa: F401
+    ptq_models,
+)
 from torch import Tensor, nn
 
 import kvcal
 from kvcal.errors import ConfigError
 from kvcal.ptq.plan import PtqWarning
 
-ROOT = Path(__file__).resolve().parent.parent
-PTQ_DATA = Path(__file__).parent / "data" / "ptq"
-
-
-def _models() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ptq_models", PTQ_DATA / "ptq_models.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-pm = _models()
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """Tiny forward passes: a second intra-op thread only adds wake-up latency (10-100x on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pm = ptq_models()
 
 
 class TwoInputs(nn.Module):

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from ptq_helpers import (
+    PTQ_DATA,
+    one_torch_thread,  # noqa: F401
+    ptq_models,
+)
 from torch import Tensor, nn
 
 import kvcal
@@ -25,25 +28,7 @@ from kvcal.ptq.job import run_ptq_calibration
 from kvcal.ptq.model_copy import calibration_copy, model_bytes
 from kvcal.record.store import read_record
 
-PTQ_DATA = Path(__file__).parent / "data" / "ptq"
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _models() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ptq_models", PTQ_DATA / "ptq_models.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-pm = _models()
+pm = ptq_models()
 
 
 def _data(directory: Path, count: int = 3) -> list[Tensor]:

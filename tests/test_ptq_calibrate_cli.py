@@ -3,45 +3,35 @@ the report, and every failure path (exit 1, one `error:` line, the record byte-i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from ptq_helpers import (
+    DEMO_CNN,
+    PTQ_DATA,
+    PTQ_MODELS,
+    ROOT,
+    demo_cnn,
+    one_torch_thread,  # noqa: F401
+    ptq_models,
+)
 from reference_ptq import calibrate_reference
 
 from kvcal.cli import main
 from kvcal.record.store import read_record
 
-ROOT = Path(__file__).resolve().parent.parent
-PTQ_DATA = Path(__file__).parent / "data" / "ptq"
-NET = f"{PTQ_DATA / 'ptq_models.py'}:build"
-CNN = f"{ROOT / 'scripts' / 'demo_cnn_model.py'}:build"
+NET = f"{PTQ_MODELS}:build"
+CNN = f"{DEMO_CNN}:build"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-pm = _module(PTQ_DATA / "ptq_models.py")
-cnn = _module(ROOT / "scripts" / "demo_cnn_model.py")
+pm = ptq_models()
+cnn = demo_cnn()
 
 
 def run(*args: str) -> Result:

@@ -3,52 +3,41 @@ and every rule of PTQ.md §1–§3 violated once (exit 1, one `error:` line, not
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from ptq_helpers import (
+    DEMO_CNN,
+    PTQ_DATA,
+    PTQ_MODELS,
+    ROOT,
+    demo_cnn,
+    one_torch_thread,  # noqa: F401
+    ptq_models,
+)
 
 from kvcal.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
-PTQ_DATA = Path(__file__).parent / "data" / "ptq"
-MODEL = f"{PTQ_DATA / 'ptq_models.py'}:build"
-CNN = f"{ROOT / 'scripts' / 'demo_cnn_model.py'}:build"
+MODEL = f"{PTQ_MODELS}:build"
+CNN = f"{DEMO_CNN}:build"
 OLD = b'{"previous": "config"}'
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """Tiny forward passes: a second intra-op thread only adds wake-up latency (10-100x on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dataset: the sample input first (the one gen-config runs), then a file it must not read."""
     directory = tmp_path_factory.mktemp("data")
-    torch.save(_module(PTQ_DATA / "ptq_models.py").sample(), directory / "batch_000.pt")
+    torch.save(ptq_models().sample(), directory / "batch_000.pt")
     (directory / "batch_001.pt").write_bytes(b"not read")
     return directory
 
 
 @pytest.fixture(scope="module")
 def cnn_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    demo = _module(ROOT / "scripts" / "demo_cnn_model.py")
+    demo = demo_cnn()
     directory = tmp_path_factory.mktemp("cnn_data")
     demo.write_batches(directory, batches=2)
     return directory

@@ -3,15 +3,17 @@ written by `kvcal.create_quant_config`, and read back with full validation."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-import torch
+from ptq_helpers import (
+    PTQ_DATA,
+    one_torch_thread,  # noqa: F401
+    ptq_models,
+)
 
 import kvcal
 from kvcal.errors import ConfigError
@@ -19,26 +21,7 @@ from kvcal.ptq.config_json import is_ptq_config, plan_to_json, read_config
 from kvcal.ptq.layers import discover_layers
 from kvcal.ptq.plan import PtqWarning
 
-PTQ_DATA = Path(__file__).parent / "data" / "ptq"
-
-
-def _models() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ptq_models", PTQ_DATA / "ptq_models.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-pm = _models()
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    """Tiny forward passes: a second intra-op thread only adds wake-up latency (10-100x on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pm = ptq_models()
 
 
 # Every run of the test model warns once per excluded module.

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
+from ptq_helpers import one_torch_thread  # noqa: F401
 from reference_ptq import fuse_reference
 from torch import Tensor, nn
 
 from kvcal.ptq.fusion import FusedPair, FusionWatch, fuse_pairs
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _bn(cls: type[nn.Module], n: int, **kwargs: object) -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ptq_helpers import one_torch_thread  # noqa: F401
 from reference_ptq import (
     act_absmax_reference,
     arq_reference,
@@ -26,14 +27,6 @@ from kvcal.ptq.weights import (
     input_rows,
     output_rows,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _layer(kind: str, groups: int = 1) -> nn.Module:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from record_files import CORRUPT, FULL, K0, K1, PER_CHANNEL, V0
 
 from kvcal.errors import RecordError
 from kvcal.output import change_offset_text, change_scale_text, describe_change
@@ -31,15 +32,6 @@ from kvcal.record.store import (
     parse_record,
     read_record,
 )
-
-DATA = Path(__file__).parent / "data" / "records"
-FULL = DATA / "amct_full.txt"
-CORRUPT = DATA / "corrupt.txt"
-PER_CHANNEL = DATA / "per_channel.txt"
-
-K0 = "model.layers.0.self_attn.k_proj"
-V0 = "model.layers.0.self_attn.v_proj"
-K1 = "model.layers.1.self_attn.k_proj"
 
 
 def qp(scale: list[float], offset: list[int]) -> QParams:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from record_files import FULL, K0, K1, PER_CHANNEL, V0
 
 from kvcal.errors import RecordError
 from kvcal.record.inspect import (
@@ -19,14 +20,6 @@ from kvcal.record.inspect import (
     summarize_record,
 )
 from kvcal.record.store import parse_record, read_record
-
-DATA = Path(__file__).parent / "data" / "records"
-FULL = DATA / "amct_full.txt"
-PER_CHANNEL = DATA / "per_channel.txt"
-
-K0 = "model.layers.0.self_attn.k_proj"
-V0 = "model.layers.0.self_attn.v_proj"
-K1 = "model.layers.1.self_attn.k_proj"
 
 
 def test_summary_has_one_row_per_entry_and_kind() -> None:

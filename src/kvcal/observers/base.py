@@ -64,7 +64,7 @@ class Observer(ABC):
         view = to_channels(x.detach(), self.settings.granularity)
         # min and max propagate NaN and carry any inf: one cheap reduction instead of isfinite(x).
         low, high = self._extrema(view)
-        if not bool((torch.isfinite(low) & torch.isfinite(high)).all()):
+        if not bool(torch.isfinite(torch.stack((low, high))).all()):
             raise CalibrationError(f"{self._where()}: batch {self.batches_seen + 1} contains NaN or inf values")
         self.channels = channels
         self._accumulate(view, low, high)

@@ -27,6 +27,9 @@ _FLOAT64_UNIT_ROUNDOFF = 2.0**-53
 # Elements per float32 chunk of the percentile pass, and rows per block of its top-k.
 _PERCENTILE_BUDGET = 1 << 20
 _TOPK_BLOCK_ROWS = 1 << 14
+# Values per block of the per-tensor percentile filter, and the most values it may keep.
+_THRESHOLD_BLOCK = 1 << 12
+_THRESHOLD_POOL_LIMIT = 1 << 20
 # Mean elements per batch under which the extremes pass still glues batches together.
 _GLUE_BELOW = 1 << 14
 # Devices known to have float64 arithmetic (NPUs and MPS do not).
@@ -103,6 +106,49 @@ def _running_topk(top: Tensor | None, chunk: Tensor, k: int, largest: bool) -> T
     if pool.shape[0] <= k:
         return pool
     return pool.topk(k, dim=0, largest=largest, sorted=False).values
+
+
+def _kth_extremes_by_threshold(parts: list[Tensor], k_max: int, k_min: int) -> tuple[Tensor, Tensor] | None:
+    """The `k_max`-th largest and `k_min`-th smallest of one channel's values ([1] each), or
+    None when a filter keeps too many values (then the caller's running top-k does it).
+
+    A full top-k of millions of values runs on one thread. Instead: the maxima of blocks
+    of values first. At least `k` blocks have a maximum >= the k-th largest block maximum
+    `t`, so at least k values are >= t, and the k-th largest value is the k-th largest of
+    the values >= t, usually a few thousand. Likewise for the minimum. Exact: the same
+    value as a top-k of everything.
+    """
+    block_max: list[Tensor] = []
+    block_min: list[Tensor] = []
+    for chunk in _float32_chunks(parts, _PERCENTILE_BUDGET, glue=False):
+        values = chunk.reshape(-1)
+        whole = values.numel() // _THRESHOLD_BLOCK * _THRESHOLD_BLOCK
+        if whole:
+            low, high = torch.aminmax(values[:whole].reshape(-1, _THRESHOLD_BLOCK), dim=1)
+            block_min.append(low)
+            block_max.append(high)
+        if whole < values.numel():
+            low, high = torch.aminmax(values[whole:], dim=0)
+            block_min.append(low.reshape(1))
+            block_max.append(high.reshape(1))
+    maxima, minima = torch.cat(block_max), torch.cat(block_min)
+    if maxima.numel() < max(k_max, k_min):
+        return None
+    t_high = maxima.topk(k_max).values[-1]
+    t_low = minima.topk(k_min, largest=False).values[-1]
+    high_pool: list[Tensor] = []
+    low_pool: list[Tensor] = []
+    kept = 0
+    for chunk in _float32_chunks(parts, _PERCENTILE_BUDGET, glue=False):
+        values = chunk.reshape(-1)
+        high_pool.append(values[values >= t_high])
+        low_pool.append(values[values <= t_low])
+        kept += high_pool[-1].numel() + low_pool[-1].numel()
+        if kept > _THRESHOLD_POOL_LIMIT + k_max + k_min:  # many equal values: no gain
+            return None
+    top = torch.cat(high_pool).topk(k_max).values[-1]
+    bottom = torch.cat(low_pool).topk(k_min, largest=False).values[-1]
+    return top.reshape(1), bottom.reshape(1)
 
 
 def _gamma(terms: int, unit_roundoff: float) -> float:
@@ -199,8 +245,11 @@ class IfmrObserver(Observer):
 
     def _accumulate(self, x: Tensor, low: Tensor, high: Tensor) -> None:
         # Back to [values, channels]: the activation's own layout, so per-channel data is
-        # not transposed. Cloned because the model may later modify its output in place.
-        part = x.t().clone(memory_format=torch.contiguous_format)
+        # not transposed. Copied because the model may later modify its output in place;
+        # into a fresh contiguous tensor: `clone(memory_format=contiguous_format)` of the
+        # per-tensor [N, 1] view takes a strided path several times slower than this copy.
+        rows = x.t()
+        part = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device).copy_(rows)
         if self._parts and part.device != self._parts[0].device:
             part = part.to(self._parts[0].device)
         self._parts.append(part)
@@ -275,6 +324,11 @@ class IfmrObserver(Observer):
         k_min = percentile_rank(self.params.min_percentile, n)
         # Chunks of at least 4k rows keep the running top-k merge cheap relative to the data.
         rows = max(_PERCENTILE_BUDGET // channels, 4 * max(k_max, k_min), 1)
+        if channels == 1 and not (k_max == 1 and k_min == 1):
+            filtered = _kth_extremes_by_threshold(self._parts, k_max, k_min)
+            if filtered is not None:
+                top, bottom = filtered
+                return torch.clamp(top, min=0.0), torch.clamp(bottom, max=0.0)
         top: Tensor | None = None
         bottom: Tensor | None = None
         # Extremes merge across pieces for free: large parts are read in place rather than
