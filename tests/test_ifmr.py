@@ -178,13 +178,12 @@ def test_large_rank_percentiles_over_chunks(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("pool_limit", [1 << 20, 40])
-def test_per_tensor_percentile_threshold_filter(monkeypatch: pytest.MonkeyPatch, kind: str, pool_limit: int) -> None:
-    # Small blocks and chunks put the block-maxima filter to work on small data (and a
-    # small pool limit sends data with many equal values back to the running top-k).
+@pytest.mark.parametrize("blocks_limit", [1 << 20, 40])
+def test_per_tensor_percentile_threshold_filter(monkeypatch: pytest.MonkeyPatch, kind: str, blocks_limit: int) -> None:
+    # Small blocks put the block-maxima filter to work on small data (and a small limit
+    # sends data with many equal values back to the running top-k).
     monkeypatch.setattr(ifmr_module, "_THRESHOLD_BLOCK", 7)
-    monkeypatch.setattr(ifmr_module, "_PERCENTILE_BUDGET", 50)
-    monkeypatch.setattr(ifmr_module, "_THRESHOLD_POOL_LIMIT", pool_limit)
+    monkeypatch.setattr(ifmr_module, "_THRESHOLD_BLOCKS_LIMIT", blocks_limit)
     filtered: list[bool] = []
     real = ifmr_module._kth_extremes_by_threshold
 
@@ -197,15 +196,14 @@ def test_per_tensor_percentile_threshold_filter(monkeypatch: pytest.MonkeyPatch,
     batches = [make_data(kind, (n,), seed=n) for n in (333, 64, 1, 501)]
     settings_ = ifmr_settings(0, True, len(batches), max_percentile=0.99, min_percentile=0.97)
     assert_matches_reference(observe(batches, settings_).compute(), batches, settings_)
-    # Integers, and relu's many zeros at the low end, overflow the small pool: those go
-    # back to the running top-k; everything else is filtered.
-    assert filtered == [pool_limit > 40 or kind not in ("integers", "relu")]
+    # Integers' ties and relu's many zeros keep more than 40 blocks: those go back to the
+    # running top-k; the other kinds keep 9 + 27 blocks and are filtered.
+    assert filtered == [blocks_limit > 40 or kind not in ("integers", "relu")]
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_threshold_filter_gives_the_kth_extremes(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
     monkeypatch.setattr(ifmr_module, "_THRESHOLD_BLOCK", 5)
-    monkeypatch.setattr(ifmr_module, "_PERCENTILE_BUDGET", 33)
     gen = torch.Generator().manual_seed(seed)
     parts = [torch.randint(-20, 20, (n, 1), generator=gen).to(torch.float16) for n in (97, 3, 200)]
     values = torch.cat(parts).reshape(-1).to(torch.float32).sort().values
@@ -349,13 +347,18 @@ def test_compute_is_idempotent_and_pure() -> None:
     assert observer.stored_dtypes == [torch.float32, torch.float32]
 
 
-def test_input_modified_after_update_does_not_change_result() -> None:
-    data = make_data("normal", (40, 3), seed=1)
-    settings_ = ifmr_settings(1, True)
+@pytest.mark.parametrize("granularity", [0, 1])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_input_modified_after_update_does_not_change_result(granularity: int, transposed: bool) -> None:
+    # Contiguous input is copied flat, a non-contiguous view (transposed) by `contiguous()`.
+    base = make_data("normal", (3, 40) if transposed else (40, 3), seed=1)
+    data = base.t() if transposed else base
+    settings_ = ifmr_settings(granularity, True)
     expected = observe([data.clone()], settings_).compute()
     observer = observe([data], settings_)
-    data.mul_(10.0)
+    base.mul_(10.0)
     assert torch.equal(observer.compute().scale, expected.scale)
+    assert torch.equal(observer.compute().offset, expected.offset)
 
 
 @pytest.mark.parametrize("granularity", [0, 1])

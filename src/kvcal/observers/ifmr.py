@@ -27,9 +27,9 @@ _FLOAT64_UNIT_ROUNDOFF = 2.0**-53
 # Elements per float32 chunk of the percentile pass, and rows per block of its top-k.
 _PERCENTILE_BUDGET = 1 << 20
 _TOPK_BLOCK_ROWS = 1 << 14
-# Values per block of the per-tensor percentile filter, and the most values it may keep.
+# Values per block of the per-tensor percentile filter, and the most blocks it may keep.
 _THRESHOLD_BLOCK = 1 << 12
-_THRESHOLD_POOL_LIMIT = 1 << 20
+_THRESHOLD_BLOCKS_LIMIT = 1 << 8
 # Mean elements per batch under which the extremes pass still glues batches together.
 _GLUE_BELOW = 1 << 14
 # Devices known to have float64 arithmetic (NPUs and MPS do not).
@@ -108,46 +108,51 @@ def _running_topk(top: Tensor | None, chunk: Tensor, k: int, largest: bool) -> T
     return pool.topk(k, dim=0, largest=largest, sorted=False).values
 
 
-def _kth_extremes_by_threshold(parts: list[Tensor], k_max: int, k_min: int) -> tuple[Tensor, Tensor] | None:
-    """The `k_max`-th largest and `k_min`-th smallest of one channel's values ([1] each), or
-    None when a filter keeps too many values (then the caller's running top-k does it).
+def _blocks(part: Tensor) -> tuple[Tensor, Tensor]:
+    """One channel's stored values ([n, 1], any float dtype) as whole blocks [b, BLOCK] and the rest [r]."""
+    values = part.reshape(-1)
+    whole = values.numel() // _THRESHOLD_BLOCK * _THRESHOLD_BLOCK
+    return values[:whole].reshape(-1, _THRESHOLD_BLOCK), values[whole:]
 
-    A full top-k of millions of values runs on one thread. Instead: the maxima of blocks
-    of values first. At least `k` blocks have a maximum >= the k-th largest block maximum
-    `t`, so at least k values are >= t, and the k-th largest value is the k-th largest of
-    the values >= t, usually a few thousand. Likewise for the minimum. Exact: the same
-    value as a top-k of everything.
+
+def _kth_extremes_by_threshold(parts: list[Tensor], k_max: int, k_min: int) -> tuple[Tensor, Tensor] | None:
+    """The `k_max`-th largest and `k_min`-th smallest of one channel's values ([1] each, float32),
+    or None when the filter below keeps too many values (the caller's running top-k then does it).
+
+    A top-k of millions of values runs on one thread. Instead: the maximum of each block of
+    values first. At least `k` blocks have a maximum >= the k-th largest block maximum `t`,
+    so at least k values are >= t, and they all lie in those blocks: the k-th largest value
+    is the k-th largest of the values of the blocks whose maximum is >= t, usually k blocks.
+    Likewise for the minimum. Exact: the same value as a top-k of everything.
     """
-    block_max: list[Tensor] = []
-    block_min: list[Tensor] = []
-    for chunk in _float32_chunks(parts, _PERCENTILE_BUDGET, glue=False):
-        values = chunk.reshape(-1)
-        whole = values.numel() // _THRESHOLD_BLOCK * _THRESHOLD_BLOCK
-        if whole:
-            low, high = torch.aminmax(values[:whole].reshape(-1, _THRESHOLD_BLOCK), dim=1)
-            block_min.append(low)
-            block_max.append(high)
-        if whole < values.numel():
-            low, high = torch.aminmax(values[whole:], dim=0)
-            block_min.append(low.reshape(1))
-            block_max.append(high.reshape(1))
-    maxima, minima = torch.cat(block_max), torch.cat(block_min)
-    if maxima.numel() < max(k_max, k_min):
+    maxima: list[Tensor] = []
+    minima: list[Tensor] = []
+    for part in parts:
+        blocks, rest = _blocks(part)
+        maxima.append(blocks.amax(dim=1).to(torch.float32))
+        minima.append(blocks.amin(dim=1).to(torch.float32))
+        if rest.numel():
+            maxima.append(rest.amax().reshape(1).to(torch.float32))
+            minima.append(rest.amin().reshape(1).to(torch.float32))
+    block_max, block_min = torch.cat(maxima), torch.cat(minima)
+    if block_max.numel() < max(k_max, k_min):
         return None
-    t_high = maxima.topk(k_max).values[-1]
-    t_low = minima.topk(k_min, largest=False).values[-1]
+    t_high = block_max.topk(k_max).values[-1]
+    t_low = block_min.topk(k_min, largest=False).values[-1]
+    if int((block_max >= t_high).sum()) + int((block_min <= t_low).sum()) > _THRESHOLD_BLOCKS_LIMIT:
+        return None  # many equal values: no gain over a top-k of everything
     high_pool: list[Tensor] = []
     low_pool: list[Tensor] = []
-    kept = 0
-    for chunk in _float32_chunks(parts, _PERCENTILE_BUDGET, glue=False):
-        values = chunk.reshape(-1)
-        high_pool.append(values[values >= t_high])
-        low_pool.append(values[values <= t_low])
-        kept += high_pool[-1].numel() + low_pool[-1].numel()
-        if kept > _THRESHOLD_POOL_LIMIT + k_max + k_min:  # many equal values: no gain
-            return None
-    top = torch.cat(high_pool).topk(k_max).values[-1]
-    bottom = torch.cat(low_pool).topk(k_min, largest=False).values[-1]
+    start = 0
+    for part in parts:
+        blocks, rest = _blocks(part)
+        pieces = [(blocks, blocks.shape[0])] + ([(rest.reshape(1, -1), 1)] if rest.numel() else [])
+        for values, count in pieces:
+            high_pool.append(values[block_max[start : start + count] >= t_high].reshape(-1))
+            low_pool.append(values[block_min[start : start + count] <= t_low].reshape(-1))
+            start += count
+    top = torch.cat(high_pool).to(torch.float32).topk(k_max).values[-1]
+    bottom = torch.cat(low_pool).to(torch.float32).topk(k_min, largest=False).values[-1]
     return top.reshape(1), bottom.reshape(1)
 
 
@@ -245,11 +250,11 @@ class IfmrObserver(Observer):
 
     def _accumulate(self, x: Tensor, low: Tensor, high: Tensor) -> None:
         # Back to [values, channels]: the activation's own layout, so per-channel data is
-        # not transposed. Copied because the model may later modify its output in place;
-        # into a fresh contiguous tensor: `clone(memory_format=contiguous_format)` of the
-        # per-tensor [N, 1] view takes a strided path several times slower than this copy.
+        # not transposed. Copied because the model may later modify its output in place.
+        # Copied flat: the per-tensor [N, 1] view has strides (1, N), and torch copies a
+        # tensor with such strides about 10x slower than the same values as one flat run.
         rows = x.t()
-        part = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device).copy_(rows)
+        part = rows.reshape(-1).clone().view(rows.shape) if rows.is_contiguous() else rows.contiguous()
         if self._parts and part.device != self._parts[0].device:
             part = part.to(self._parts[0].device)
         self._parts.append(part)
