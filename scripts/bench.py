@@ -399,9 +399,11 @@ def ptq_end_to_end(device: torch.device, want: Callable[[str], bool]) -> Iterato
          False),
         ("P2h", "PTQ: Linear-heavy, HFMG (information)", lambda: linear_over_forward(device, timed_pair, hfmg=True),
          True),
+        ("P2w", "PTQ: Linear 2x4096, IFMR, 8x128 tokens (information)",
+         lambda: linear_over_forward(device, timed_pair, width=4096, depth=2), True),
     ]
     for name, what, measure, info in cases:
-        if not want(name.rstrip("h")):
+        if not want(name.rstrip("hw")):
             continue
         cal_s, plain_s = measure()
         ratio = cal_s / plain_s

@@ -101,14 +101,24 @@ _HFMG = {"num_bits": 8, "act_algo": "hfmg", "asymmetric": True, "num_of_bins": 4
 
 
 def linear_over_forward(
-    device: torch.device, timed_pair: TimedPair, batch_num: int = 8, hfmg: bool = False
+    device: torch.device,
+    timed_pair: TimedPair,
+    batch_num: int = 8,
+    hfmg: bool = False,
+    width: int = 1024,
+    depth: int = 6,
 ) -> tuple[float, float]:
-    """(calibrate, plain forward) of `LinearHeavy`, the default config (or HFMG activations), 4 x 128 tokens."""
+    """(calibrate, plain forward) of `LinearHeavy`, the default config (or HFMG activations).
+
+    Batches of 4 x (128 * 1024 / width) tokens: every layer observes 512k values a batch
+    whatever the width, while the forward pass does `width / 1024` times more work per
+    observed value.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LinearHeavy()
+        model = LinearHeavy(width, depth)
     gen = torch.Generator().manual_seed(1)
-    batches = [torch.randn((4, 128, 1024), generator=gen) for _ in range(batch_num)]
+    batches = [torch.randn((4, 128 * 1024 // width, width), generator=gen) for _ in range(batch_num)]
     config = _config(model, batches[0], batch_num, None)
     if hfmg:
         for entry in config.values():

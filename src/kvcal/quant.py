@@ -125,16 +125,25 @@ def fake_quant(x: Tensor, qparams: QParams, num_bits: int = 8) -> Tensor:
     scale = qparams.scale.to(device=x.device, dtype=torch.float32).reshape(-1, 1)
     offset = qparams.offset.to(device=x.device, dtype=torch.float32).reshape(-1, 1)
     qmin, qmax = -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
-    q = torch.clamp(torch.round(x.to(torch.float32) / scale) + offset, qmin, qmax)
-    return (q - offset) * scale
+    # One temporary, updated in place (the same float32 operations as the formula).
+    q = torch.div(x.to(torch.float32), scale).round_().add_(offset).clamp_(qmin, qmax)
+    return q.sub_(offset).mul_(scale)
+
+
+_SQNR_CHUNK = 1 << 20
 
 
 def sqnr_db(x: Tensor, x_hat: Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB; +inf when the error is exactly zero."""
     # float32 keeps this on any device (NPUs lack float64); a ratio needs no more.
-    x = x.to(torch.float32)
-    noise = (x - x_hat.to(torch.float32)).pow(2).sum().item()
-    signal = x.pow(2).sum().item()
+    x, x_hat = x.to(torch.float32).reshape(-1), x_hat.to(torch.float32).reshape(-1)
+    # Norms reduce without a squared temporary; the difference is taken a cache-sized
+    # chunk at a time (a full-size temporary costs its page faults: 3x slower on 16M values).
+    noise = sum(
+        float(torch.linalg.vector_norm(x[i : i + _SQNR_CHUNK] - x_hat[i : i + _SQNR_CHUNK])) ** 2
+        for i in range(0, x.numel(), _SQNR_CHUNK)
+    )
+    signal = float(torch.linalg.vector_norm(x)) ** 2
     if noise == 0.0:
         return math.inf
     if signal == 0.0:

@@ -189,7 +189,7 @@ def _quantize_weight(state: LayerState, absmax: Tensor | None) -> None:
         state.factor = dmq_factors(absmax, wts_max, state.settings.dmq, state.settings.name)
         balanced = balance_weight(weight, state.factor, kind, groups)
     else:
-        balanced = weight.to(torch.float32, copy=True)
+        balanced = weight.to(torch.float32)  # the copy's own tensor, never changed in place: no second copy
     bits, channel_wise = state.weight.num_bits, state.weight.channel_wise
     scale = arq_scales(output_rows(balanced, kind, groups), bits, channel_wise)
     quantized = fake_quant_weight(balanced, scale, kind, groups, bits)

@@ -168,7 +168,8 @@ def fake_quant_weight(
     rows = output_rows(weight.to(torch.float32), layer_type, groups)
     s = scale.to(device=rows.device, dtype=torch.float32).reshape(-1, 1)
     qmin, qmax = -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
-    quantized = torch.clamp(torch.round(rows / s), qmin, qmax) * s
+    # One temporary, updated in place: a fresh buffer per step costs its page faults again.
+    quantized = torch.div(rows, s).round_().clamp_(qmin, qmax).mul_(s)
     return _from_output_rows(quantized, weight.shape, layer_type, groups).to(weight.dtype)
 
 
