@@ -2,15 +2,16 @@
 
 P1 is the CNN demo model (`configs/ptq_example.cfg`: IFMR, DMQ, BN fusion, 6-bit
 weights), P2 a Linear-heavy model (six 1024-wide Linear layers, the default config:
-IFMR, ARQ). Both time `run_ptq_calibration` — the library call behind `kvcal calibrate`:
-data loading, the calibration copy, every forward pass, the searches, the SQNR summary and
-the record merge — against the model's own forward passes over the `batch_num` batches.
+IFMR, ARQ); P2h is P2 with HFMG activations and P2w two 4096-wide layers observing as
+many values a batch (both for information). All time `run_ptq_calibration` — the library
+call behind `kvcal calibrate`: data loading, the calibration copy, every forward pass, the
+searches, the SQNR summary and the record merge — against the model's own forward passes
+over the same 8 batches.
 
 PTQ calibration runs `batch_num + 2` forward passes (plus one with DMQ after a fused
 BatchNorm): the first batch through the untouched copy (layer discovery, Conv→BN
 consumers, the float reference) and once more fully fake-quantized (the model SQNR). So
-the ratio cannot go below `1 + 2 / batch_num`, whatever the observers cost; the targeted
-rows use batch_num 8, the `...few` rows show the configs' own batch_num for information.
+the ratio cannot go below `1 + 2 / batch_num` = 1.25, whatever the observers cost.
 """
 
 from __future__ import annotations
