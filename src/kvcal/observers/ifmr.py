@@ -6,6 +6,7 @@ chunks, so temporaries stay a few MB whatever the number of values kept.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 
@@ -13,10 +14,13 @@ import torch
 from torch import Tensor
 
 from kvcal.observers.base import Observer
+from kvcal.observers.ifmr_prune import loss_brackets
 from kvcal.params import IfmrParams, QuantSettings
 from kvcal.quant import EPS, QParams
 
 __all__ = ["IfmrObserver", "candidate_ratios", "percentile_rank"]
+
+logger = logging.getLogger(__name__)
 
 # Elements of the [K, rows, C] loss temporaries. On CPU they should sit in L2;
 # accelerators want fewer, larger launches.
@@ -32,6 +36,10 @@ _THRESHOLD_BLOCK = 1 << 12
 _THRESHOLD_BLOCKS_LIMIT = 1 << 8
 # Mean elements per batch under which the extremes pass still glues batches together.
 _GLUE_BELOW = 1 << 14
+# One channel with at least this many values and this many candidates: bracket the
+# losses first (`ifmr_prune`), then score only the contenders.
+_PRUNE_MIN_VALUES = 1 << 17
+_PRUNE_MIN_CANDIDATES = 8
 # Devices known to have float64 arithmetic (NPUs and MPS do not).
 _FLOAT64_DEVICES = ("cpu", "cuda")
 # Devices whose mse_loss kernel (reduction 'none') is checked to be a plain
@@ -291,17 +299,65 @@ class IfmrObserver(Observer):
     def _search(self, scales: Tensor, lo: Tensor, hi: Tensor, device: torch.device, lo_floor: bool) -> Tensor:
         """Index of the best candidate per channel, [C]: the first of the minimal losses.
 
+        One channel with many values: `ifmr_prune` brackets every candidate's loss from one
+        pass, and only the candidates whose lower bound is within every upper bound are
+        scored exactly. Those exact losses must fall in their brackets; if one does not,
+        every candidate is scored, as for several channels or few values.
+        """
+        if self._worth_pruning(scales, device):
+            brackets = loss_brackets(self._parts, scales[:, 0], lo[:, 0], hi[:, 0])
+            if brackets is not None:
+                kept = torch.nonzero(brackets.low <= brackets.high.min())[:, 0]
+                if kept.numel() < scales.shape[0]:
+                    sub_lo = lo if lo.shape[0] == 1 else lo[kept]
+                    best = self._exact_search(
+                        scales[kept], sub_lo, hi[kept], device, lo_floor, (brackets.low[kept], brackets.high[kept])
+                    )
+                    if best is not None:
+                        return kept[best]
+                    logger.debug("%s: an IFMR loss bracket missed its exact loss; scoring every candidate", self._where())
+        best = self._exact_search(scales, lo, hi, device, lo_floor)
+        assert best is not None  # no brackets to check: always an answer
+        return best
+
+    def _worth_pruning(self, scales: Tensor, device: torch.device) -> bool:
+        candidates, channels = scales.shape
+        values = sum(int(part.shape[0]) for part in self._parts)
+        return (
+            channels == 1
+            and candidates >= _PRUNE_MIN_CANDIDATES
+            and values >= _PRUNE_MIN_VALUES
+            and device.type in _FLOAT64_DEVICES
+        )
+
+    def _exact_search(
+        self,
+        scales: Tensor,
+        lo: Tensor,
+        hi: Tensor,
+        device: torch.device,
+        lo_floor: bool,
+        brackets: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor | None:
+        """Index of the best of these candidates per channel, [C], scoring each on every value.
+
         A fast pass sums each chunk in float32. Its error is bounded, so only candidates
         whose loss is within that bound of the channel's minimum can be the argmin; if any
         channel has more than one, those few are re-scored with float64 sums (where the
         device has float64). Float32 sums alone can merge near-ties (seen at 3e-8 relative)
-        and move the argmin.
+        and move the argmin. With `brackets` ([K] low and high of one channel's losses):
+        None when a fast loss cannot lie in its bracket.
         """
         loss, terms, partials = self._losses(scales, lo, hi, device, lo_floor, wide=False)
         if device.type not in _FLOAT64_DEVICES:
             return _first_argmin(loss)
         loss = _nan_to_inf(loss)
         bound = _sum_error_bound(terms, partials)
+        if brackets is not None:
+            low, high = brackets
+            fast = loss[:, 0].to(torch.float64)
+            if bound >= 1.0 or not bool(((fast <= high * (1.0 + bound)) & (fast >= low * (1.0 - bound))).all()):
+                return None
         if bound < 1.0:
             threshold = loss.amin(dim=0, keepdim=True) * ((1.0 + bound) / (1.0 - bound))
             contenders = loss <= threshold
