@@ -108,8 +108,8 @@ def test_no_brackets_for_a_degenerate_range() -> None:
 
 @pytest.fixture
 def prune_small(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """Prune from 64 values on, and record (kept, candidates) of each pruned search."""
-    monkeypatch.setattr(ifmr_module, "_PRUNE_MIN_VALUES", 64)
+    """Prune from 64 values x candidates on, and record (kept, candidates) of each pruned search."""
+    monkeypatch.setattr(ifmr_module, "_PRUNE_MIN_WORK", 64)
     seen: list[tuple[int, int]] = []
     real = ifmr_module.loss_brackets
 
@@ -157,12 +157,12 @@ def test_pruned_equals_exhaustive(kind: str, asymmetric: bool, n: int, seed: int
     x = make_data(kind, (n,), seed=seed, spread=spread)
     settings_ = ifmr_settings(0, asymmetric, max_percentile=max_percentile)
     exhaustive = observe([x], settings_).compute()
-    original = ifmr_module._PRUNE_MIN_VALUES
-    ifmr_module._PRUNE_MIN_VALUES = 64
+    original = ifmr_module._PRUNE_MIN_WORK
+    ifmr_module._PRUNE_MIN_WORK = 64
     try:
         pruned = observe([x], settings_).compute()
     finally:
-        ifmr_module._PRUNE_MIN_VALUES = original
+        ifmr_module._PRUNE_MIN_WORK = original
     assert torch.equal(pruned.scale, exhaustive.scale)
     assert torch.equal(pruned.offset, exhaustive.offset)
 
@@ -172,7 +172,7 @@ def test_a_bracket_that_misses_falls_back_to_every_candidate(
 ) -> None:
     # Brackets claiming candidate 0 alone can win, with a loss no candidate has: the exact
     # scoring of candidate 0 disagrees, and the search scores every candidate instead.
-    monkeypatch.setattr(ifmr_module, "_PRUNE_MIN_VALUES", 64)
+    monkeypatch.setattr(ifmr_module, "_PRUNE_MIN_WORK", 64)
 
     def wrong(parts, scales, lo, hi):  # type: ignore[no-untyped-def]
         low = torch.full((scales.numel(),), 1e30, dtype=torch.float64)
@@ -188,11 +188,14 @@ def test_a_bracket_that_misses_falls_back_to_every_candidate(
     assert "missed its exact loss" in caplog.text
 
 
-def test_no_pruning_for_several_channels_or_few_values(prune_small: list[tuple[int, int]]) -> None:
+def test_no_pruning_for_several_channels_or_little_work(
+    prune_small: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ifmr_module, "_PRUNE_MIN_WORK", 2000)
     per_channel = [make_data("normal", (500, 4), seed=2)]
     observe(per_channel, ifmr_settings(1, True)).compute()
-    few = [make_data("normal", (40,), seed=3)]
+    few = [make_data("normal", (30,), seed=3)]  # 30 values x 61 candidates < 2000
     observe(few, ifmr_settings(0, True)).compute()
     coarse = [make_data("normal", (500,), seed=4)]
-    observe(coarse, ifmr_settings(0, True, search_range=(0.5, 1.5), search_step=0.2)).compute()  # 5 candidates
+    observe(coarse, ifmr_settings(0, True, search_range=(0.5, 1.5), search_step=0.2)).compute()  # 5 < 8 candidates
     assert prune_small == []

@@ -88,8 +88,9 @@ def _moments(parts: list[Tensor], a: float, e: float, bins: int) -> _Moments:
             if bool(low < a32) or bool(high > e32):
                 for row, mask in enumerate((x < a32, x > e32)):
                     out = x[mask].to(torch.float64)
-                    outside[row] += torch.stack((torch.tensor(float(out.numel()), dtype=torch.float64,
-                                                              device=device), out.sum(), out.square().sum()))
+                    outside[row, 0] += out.numel()
+                    outside[row, 1] += out.sum()
+                    outside[row, 2] += out.square().sum()
                 x = x[(x >= a32) & (x <= e32)]
             if x.numel() == 0:
                 continue
@@ -267,11 +268,11 @@ def loss_brackets(
     gamma_block = (2 * _BLOCK + 8) * _U64
     q_most = torch.maximum(q_lo.abs(), q_hi.abs()) + 1.0
     abs_total = float(m.m1.abs().sum())
-    # float64: the bin sums of x - m (each value's |x - m| <= reach; weighed by at most
-    # |code * s| + |m| + reach), the blocked prefix sums (per segment), the arithmetic of
-    # every sum above.
+    # float64: the bin sums of x - m (each value's |x - m| <= reach, itself rounded once
+    # in float32 where x and m differ in sign; weighed by at most |code * s| + |m| +
+    # reach), the blocked prefix sums (per segment), the arithmetic of every sum above.
     float64_slack = (
-        2.0 * gamma_n * reach * ((2.0 * q_most * s + 3.0 * reach) * n + 2.0 * m.abs_first)
+        2.0 * (gamma_n + _U32) * reach * ((2.0 * q_most * s + 3.0 * reach) * n + 2.0 * m.abs_first)
         + points_per * 4.0 * gamma_block * (2.0 * q_most * s * abs_total + x2 + (q_most * s).square() * n)
         + 16.0 * _U64 * (magnitude + most + x2)
     )
