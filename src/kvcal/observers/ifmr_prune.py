@@ -172,6 +172,84 @@ def _touched_bounds(
     return least, most
 
 
+@dataclass(frozen=True)
+class _Candidates:
+    """The candidates in float64, [K, 1] each (broadcast against [K, points])."""
+
+    s: Tensor
+    lo: Tensor
+    hi: Tensor
+    q_lo: Tensor  # the code of a value clipped at lo, as the float32 search computes it
+    q_hi: Tensor
+
+
+def _histogram_range(parts: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[float, float] | None:
+    """[a, e]: every candidate's clip range, grown by up to a quarter to take in the values
+    just outside it (usually the few beyond the percentile bounds; farther ones are summed
+    apart). None when every clip range is one point."""
+    a, e = float(lo.min()), float(hi.max())
+    if not (math.isfinite(a) and math.isfinite(e) and e > a):
+        return None
+    smallest = min(float(part.min()) for part in parts)
+    largest = max(float(part.max()) for part in parts)
+    grow = _GROW * (e - a)
+    return (smallest if a - grow <= smallest < a else a), (largest if e < largest <= e + grow else e)
+
+
+def _breakpoints(c: _Candidates) -> Tensor | None:
+    """[K, P] ascending: lo, the rounding boundaries (q + 1/2) * s inside (lo, hi), hi
+    (rows padded with copies of lo and hi); None for implausibly many boundaries."""
+    first = torch.floor(c.lo / c.s - 0.5)
+    steps = int((torch.ceil(c.hi / c.s - 0.5) - first).max()) + 1
+    if steps > _MOST_BOUNDARIES:
+        return None
+    codes = first + torch.arange(steps, dtype=torch.float64, device=c.s.device)
+    boundary = (codes + 0.5) * c.s  # exact in float64: a float32 times a short half-integer
+    boundary = torch.where(boundary <= c.lo, c.lo, torch.where(boundary >= c.hi, c.hi, boundary))
+    return torch.cat([c.lo, boundary, c.hi], dim=1)
+
+
+def _pure_segments(m: _Moments, c: _Candidates, points: Tensor, first: Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of g over the bins no point reaches, exactly from the moments, per candidate
+    (and its magnitude, for the rounding allowance). `first`/`last`: the bins each point
+    reaches, before de-duplication."""
+    prefix = {name: _prefix(v) for name, v in (("n", m.count), ("m1", m.m1), ("m2", m.m2), ("abs", m.m1.abs()))}
+    bins = m.count.numel()
+    # Before the first point (code q_lo), between points (the code of the midpoint),
+    # after the last (code q_hi).
+    seg_first = torch.cat([torch.zeros_like(first[:, :1]), last + 1], dim=1)
+    seg_last = torch.cat([first - 1, torch.full_like(first[:, :1], bins - 1)], dim=1)
+    mid = 0.5 * (points[:, :-1] + points[:, 1:])
+    cs = torch.cat([c.q_lo, torch.round(mid / c.s), c.q_hi], dim=1) * c.s
+    n_seg, m1_seg, m2_seg, abs_seg = (
+        _segment(prefix[name], seg_first, seg_last) for name in ("n", "m1", "m2", "abs")
+    )
+    exact = (cs.square() * n_seg - 2.0 * cs * m1_seg + m2_seg).sum(dim=1)
+    magnitude = (cs.square() * n_seg + 2.0 * cs.abs() * abs_seg + m2_seg).sum(dim=1)
+    for (n_out, sum_out, sq_out), q in ((m.below, c.q_lo[:, 0]), (m.above, c.q_hi[:, 0])):
+        code_s = q * c.s[:, 0]
+        exact = exact + (code_s.square() * n_out - 2.0 * code_s * sum_out + sq_out)
+        magnitude = magnitude + (code_s.square() * n_out + 2.0 * code_s.abs() * abs(sum_out) + sq_out)
+    return exact, magnitude
+
+
+def _reached_bins(m: _Moments, c: _Candidates, first: Tensor, last: Tensor, reach: float) -> tuple[Tensor, Tensor]:
+    """Per candidate, the sums of count * min g and count * max g over the bins points reach
+    (`first`..`last` per point, de-duplicated: each bin once)."""
+    least = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
+    most = torch.zeros_like(least)
+    for offset in range(int((last - first).max().clamp(min=-1)) + 1):
+        j = first + offset
+        valid = j <= last
+        j = torch.where(valid, j, torch.zeros_like(j))
+        centre = m.centers[j]
+        g_min, g_max = _touched_bounds(centre - reach, centre + reach, c.s, c.lo, c.hi, c.q_lo, c.q_hi)
+        weight = torch.where(valid, m.count[j], torch.zeros_like(centre))
+        least += (weight * g_min).sum(dim=1)
+        most += (weight * g_max).sum(dim=1)
+    return least, most
+
+
 def loss_brackets(
     parts: list[Tensor], scales: Tensor, lo: Tensor, hi: Tensor, bins: int | None = None
 ) -> LossBrackets | None:
@@ -186,104 +264,67 @@ def loss_brackets(
     bins = BINS if bins is None else bins
     s32, hi32 = scales.reshape(-1), hi.reshape(-1)
     lo32 = lo.reshape(-1).expand_as(s32)
-    a, e = float(lo32.min()), float(hi32.max())
-    if not (math.isfinite(a) and math.isfinite(e) and e > a):
+    span = _histogram_range(parts, lo32, hi32)
+    if span is None:
         return None
-    # Values just outside [a, e] (the few beyond the percentile bounds, usually) are binned
-    # too: the range grows by up to a quarter; farther ones are summed apart.
-    smallest = min(float(part.min()) for part in parts)
-    largest = max(float(part.max()) for part in parts)
-    grow = _GROW * (e - a)
-    a = smallest if a - grow <= smallest < a else a
-    e = largest if e < largest <= e + grow else e
+    c = _Candidates(
+        s=s32.to(torch.float64).unsqueeze(1),
+        lo=lo32.to(torch.float64).unsqueeze(1),
+        hi=hi32.to(torch.float64).unsqueeze(1),
+        q_lo=torch.round(lo32 / s32).to(torch.float64).unsqueeze(1),
+        q_hi=torch.round(hi32 / s32).to(torch.float64).unsqueeze(1),
+    )
+    points = _breakpoints(c)
+    if points is None:
+        return None
+    a, e = span
     m = _moments(parts, a, e, bins)
-    s, lo64, hi64 = s32.to(torch.float64), lo32.to(torch.float64), hi32.to(torch.float64)
-    # Codes of clipped values, as the float32 search computes them.
-    q_lo = torch.round(lo32 / s32).to(torch.float64)
-    q_hi = torch.round(hi32 / s32).to(torch.float64)
-    first = torch.floor(lo64 / s - 0.5)
-    steps = int((torch.ceil(hi64 / s - 0.5) - first).max()) + 1
-    if steps > _MOST_BOUNDARIES:
-        return None
-    boundary = (first.unsqueeze(1) + torch.arange(steps, dtype=torch.float64, device=s.device)).add_(0.5) * s.unsqueeze(1)
-    boundary = torch.where(boundary <= lo64.unsqueeze(1), lo64.unsqueeze(1), boundary)
-    boundary = torch.where(boundary >= hi64.unsqueeze(1), hi64.unsqueeze(1), boundary)
-    points = torch.cat([lo64.unsqueeze(1), boundary, hi64.unsqueeze(1)], dim=1)  # [K, P] ascending
-
     # Where a value of bin j can be: its centre +- (half a bin + the float32 error of the
     # bin index (3 roundings of a value up to `bins`) + the float32 rounding of the centre).
     width = (e - a) / bins
     reach = 0.5 * width + (4.0 * _U32 * bins + 4.0 * _U32) * width + 4.0 * _U32 * (abs(a) + abs(e))
-    base = a + 0.5 * width  # exact centre of bin j: base + j * width
-    pos = (points - base) / width
-    slack_bins = reach / width
-    j_first = torch.ceil(pos - slack_bins - 1e-9).clamp_(0, bins - 1).to(torch.int64)
-    j_last = torch.floor(pos + slack_bins + 1e-9).clamp_(0, bins - 1).to(torch.int64)
-    # Ranges are monotone along the points; consecutive ones may overlap: count a bin once.
-    j_first = torch.maximum(j_first, torch.cat([j_first[:, :1], j_last[:, :-1] + 1], dim=1))
+    pos = (points - (a + 0.5 * width)) / width  # bin j's exact centre is a + (j + 1/2) * width
+    first = torch.ceil(pos - reach / width - 1e-9).clamp_(0, bins - 1).to(torch.int64)
+    last = torch.floor(pos + reach / width + 1e-9).clamp_(0, bins - 1).to(torch.int64)
+    exact, magnitude = _pure_segments(m, c, points, first, last)
+    # Reach ranges are monotone along the points; consecutive ones may overlap.
+    once = torch.maximum(first, torch.cat([first[:, :1], last[:, :-1] + 1], dim=1))
+    least, most = _reached_bins(m, c, once, last, reach)
+    slack64, x2 = _float64_slack(m, c, reach, points.shape[1] + 1, magnitude + most)
+    return _with_float32_slack(exact + least - slack64, exact + most + slack64, x2)
 
-    prefix = {name: _prefix(v) for name, v in (("n", m.count), ("m1", m.m1), ("m2", m.m2), ("abs", m.m1.abs()))}
-    # Pure segments: before the first point (code q_lo), between points (the code of the
-    # midpoint), after the last (code q_hi).
-    seg_first = torch.cat([torch.zeros_like(j_first[:, :1]), j_last + 1], dim=1)  # [K, P + 1]
-    raw_first = torch.ceil(pos - slack_bins - 1e-9).clamp_(0, bins - 1).to(torch.int64)
-    seg_last = torch.cat([raw_first - 1, torch.full_like(j_first[:, :1], bins - 1)], dim=1)
-    mid = 0.5 * (points[:, :-1] + points[:, 1:])
-    code = torch.cat([q_lo.unsqueeze(1), torch.round(mid / s.unsqueeze(1)), q_hi.unsqueeze(1)], dim=1)
-    n_seg = _segment(prefix["n"], seg_first, seg_last)
-    m1_seg = _segment(prefix["m1"], seg_first, seg_last)
-    m2_seg = _segment(prefix["m2"], seg_first, seg_last)
-    abs_seg = _segment(prefix["abs"], seg_first, seg_last)
-    cs = code * s.unsqueeze(1)
-    exact = (cs.square() * n_seg - 2.0 * cs * m1_seg + m2_seg).sum(dim=1)
-    magnitude = (cs.square() * n_seg + 2.0 * cs.abs() * abs_seg + m2_seg).sum(dim=1)
-    for (n_out, sum_out, sq_out), q in ((m.below, q_lo), (m.above, q_hi)):
-        c = q * s
-        exact = exact + (c.square() * n_out - 2.0 * c * sum_out + sq_out)
-        magnitude = magnitude + (c.square() * n_out + 2.0 * c.abs() * abs(sum_out) + sq_out)
 
-    # Bins a point can reach: each value there between count * min g and count * max g.
-    least = torch.zeros_like(exact)
-    most = torch.zeros_like(exact)
-    span = int((j_last - j_first).max().clamp(min=-1)) + 1
-    centres, counts = m.centers, m.count
-    shape = (-1, 1)
-    for offset in range(span):
-        j = j_first + offset
-        valid = j <= j_last
-        j = torch.where(valid, j, torch.zeros_like(j))
-        centre = centres[j]
-        g_min, g_max = _touched_bounds(
-            centre - reach, centre + reach, s.reshape(shape), lo64.reshape(shape), hi64.reshape(shape),
-            q_lo.reshape(shape), q_hi.reshape(shape),
-        )
-        weight = torch.where(valid, counts[j], torch.zeros_like(centre))
-        least += (weight * g_min).sum(dim=1)
-        most += (weight * g_max).sum(dim=1)
-
+def _float64_slack(m: _Moments, c: _Candidates, reach: float, segments: int, magnitude: Tensor) -> tuple[Tensor, float]:
+    """The float64 rounding allowance per candidate, and the sum of x^2."""
     x2 = float(m.m2.sum()) + m.below[2] + m.above[2]
     n = float(m.values)
-    points_per = points.shape[1] + 1
+    bins = m.count.numel()
     gamma_n = (n + 2 * bins + 16) * _U64
     gamma_block = (2 * _BLOCK + 8) * _U64
-    q_most = torch.maximum(q_lo.abs(), q_hi.abs()) + 1.0
+    q_most = torch.maximum(c.q_lo.abs(), c.q_hi.abs())[:, 0] + 1.0
+    s = c.s[:, 0]
     abs_total = float(m.m1.abs().sum())
-    # float64: the bin sums of x - m (each value's |x - m| <= reach, itself rounded once
-    # in float32 where x and m differ in sign; weighed by at most |code * s| + |m| +
-    # reach), the blocked prefix sums (per segment), the arithmetic of every sum above.
-    float64_slack = (
+    # The bin sums of x - m (each value's |x - m| <= reach, itself rounded once in float32
+    # where x and m differ in sign; weighed by at most |code * s| + |m| + reach), the
+    # blocked prefix sums (per segment), the arithmetic of every sum.
+    slack = (
         2.0 * (gamma_n + _U32) * reach * ((2.0 * q_most * s + 3.0 * reach) * n + 2.0 * m.abs_first)
-        + points_per * 4.0 * gamma_block * (2.0 * q_most * s * abs_total + x2 + (q_most * s).square() * n)
-        + 16.0 * _U64 * (magnitude + most + x2)
+        + segments * 4.0 * gamma_block * (2.0 * q_most * s * abs_total + x2 + (q_most * s).square() * n)
+        + 16.0 * _U64 * (magnitude + x2)
     )
-    low_g = exact + least - float64_slack
-    high_g = exact + most + float64_slack
-    # float32: per value |e - g| <= 6.1 u |D| |x| + 5.2 u D^2 + 30 u^2 x^2 (D = sqrt(g);
-    # this covers a code that float32 division puts on the other side of a rounding
-    # boundary; clipped values get the same code as g); summed with Cauchy-Schwarz,
-    # using the upper bracket for sum D^2, with room to spare.
+    return slack, x2
+
+
+def _with_float32_slack(low_g: Tensor, high_g: Tensor, x2: float) -> LossBrackets:
+    """From brackets of the real-arithmetic sum of g to brackets of the float32 loss.
+
+    Per value |e - g| <= 6.1 u |D| |x| + 5.2 u D^2 + 30 u^2 x^2 (D = sqrt(g), u = 2^-24;
+    this covers a code that float32 division puts on the other side of a rounding
+    boundary; clipped values get the same code as g). Summed with Cauchy-Schwarz, using
+    the upper bracket for the sum of D^2, with room to spare.
+    """
     upper = high_g.clamp(min=0.0)
-    float32_slack = 8.1 * _U32 * torch.sqrt(upper * x2) + 9.0 * _U32 * upper + 40.0 * _U32**2 * x2
-    low = (low_g - float32_slack) * (1.0 - 4.0 * _U64)
-    high = (high_g + float32_slack) * (1.0 + 4.0 * _U64)
+    slack = 8.1 * _U32 * torch.sqrt(upper * x2) + 9.0 * _U32 * upper + 40.0 * _U32**2 * x2
+    low = (low_g - slack) * (1.0 - 4.0 * _U64)
+    high = (high_g + slack) * (1.0 + 4.0 * _U64)
     return LossBrackets(low=low.clamp(min=0.0), high=high)
