@@ -6,8 +6,9 @@ values, one pass can bracket every candidate's loss instead, tightly enough that
 few candidates can still be the argmin; only those are then scored exactly.
 
 The pass builds a histogram of B bins over [min lo, max hi] (every candidate's clip
-range) with, per bin, the count and the float64 sums of `x - m` and `(x - m)^2`, `m` the
-bin's centre; values outside the range are summed apart. Candidate i's loss, in real
+range, grown a little to take in the values just outside it) with, per bin, the count
+and the float64 sums of `x - m` and `(x - m)^2`, `m` the bin's centre; values farther
+out are summed apart. Candidate i's loss, in real
 arithmetic, is the sum of `g(x) = (Q(x) * s - x)^2`, `Q(x)` the code of the clamped value.
 `g` is one quadratic between breakpoints (the clip bounds and the rounding boundaries
 `(Q + 1/2) * s`); a bin that no breakpoint can reach lies inside one piece, so its values'
