@@ -199,3 +199,25 @@ def test_no_pruning_for_several_channels_or_little_work(
     coarse = [make_data("normal", (500,), seed=4)]
     observe(coarse, ifmr_settings(0, True, search_range=(0.5, 1.5), search_step=0.2)).compute()  # 5 < 8 candidates
     assert prune_small == []
+
+
+def test_nan_brackets_rule_nothing_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A NaN bound must keep its candidate: here candidate 3 (the others claim to lose).
+    monkeypatch.setattr(ifmr_module, "_PRUNE_MIN_WORK", 64)
+    kept: list[int] = []
+    real = ifmr_module.IfmrObserver._exact_search
+
+    def spy(self, scales, lo, hi, device, lo_floor, brackets=None):  # type: ignore[no-untyped-def]
+        kept.append(scales.shape[0])
+        return real(self, scales, lo, hi, device, lo_floor, brackets)
+
+    def nan_bounds(parts, scales, lo, hi):  # type: ignore[no-untyped-def]
+        low = torch.full((scales.numel(),), 1e300, dtype=torch.float64)
+        low[0], low[3] = 0.0, float("nan")
+        return LossBrackets(low=low, high=torch.full_like(low, 1e299))
+
+    monkeypatch.setattr(ifmr_module, "loss_brackets", nan_bounds)
+    monkeypatch.setattr(ifmr_module.IfmrObserver, "_exact_search", spy)
+    observe([make_data("normal", (500,), seed=6)], ifmr_settings(0, True)).compute()
+    assert kept[0] == 2  # candidates 0 and 3 scored exactly (then their brackets fail: all 61)
+    assert kept[1:] == [61]

@@ -219,6 +219,10 @@ def _squared_errors(chunk: Tensor, out: Tensor, s: Tensor, lo: Tensor, hi: Tenso
         out.sub_(chunk).square_()
 
 
+class _BracketMissed(Exception):
+    """An exact loss outside the bracket `ifmr_prune` gave it: score every candidate instead."""
+
+
 def _nan_to_inf(loss: Tensor) -> Tensor:
     return torch.where(torch.isnan(loss), torch.full_like(loss, float("inf")), loss)
 
@@ -309,18 +313,20 @@ class IfmrObserver(Observer):
         if self._worth_pruning(scales, device):
             brackets = loss_brackets(self._parts, scales[:, 0], lo[:, 0], hi[:, 0])
             if brackets is not None:
-                kept = torch.nonzero(brackets.low <= brackets.high.min())[:, 0]
+                # Written so that a NaN bound keeps its candidate (and a NaN minimum keeps all).
+                kept = torch.nonzero(~(brackets.low > brackets.high.min()))[:, 0]
                 if kept.numel() < scales.shape[0]:
                     sub_lo = lo if lo.shape[0] == 1 else lo[kept]
-                    best = self._exact_search(
-                        scales[kept], sub_lo, hi[kept], device, lo_floor, (brackets.low[kept], brackets.high[kept])
-                    )
-                    if best is not None:
+                    try:
+                        best = self._exact_search(
+                            scales[kept], sub_lo, hi[kept], device, lo_floor, (brackets.low[kept], brackets.high[kept])
+                        )
+                    except _BracketMissed:
+                        logger.debug("%s: an IFMR loss bracket missed its exact loss; scoring every candidate",
+                                     self._where())
+                    else:
                         return kept[best]
-                    logger.debug("%s: an IFMR loss bracket missed its exact loss; scoring every candidate", self._where())
-        best = self._exact_search(scales, lo, hi, device, lo_floor)
-        assert best is not None  # no brackets to check: always an answer
-        return best
+        return self._exact_search(scales, lo, hi, device, lo_floor)
 
     def _worth_pruning(self, scales: Tensor, device: torch.device) -> bool:
         candidates, channels = scales.shape
@@ -342,15 +348,18 @@ class IfmrObserver(Observer):
         device: torch.device,
         lo_floor: bool,
         brackets: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor | None:
+    ) -> Tensor:
         """Index of the best of these candidates per channel, [C], scoring each on every value.
 
         A fast pass sums each chunk in float32. Its error is bounded, so only candidates
         whose loss is within that bound of the channel's minimum can be the argmin; if any
         channel has more than one, those few are re-scored with float64 sums (where the
         device has float64). Float32 sums alone can merge near-ties (seen at 3e-8 relative)
-        and move the argmin. With `brackets` ([K] low and high of one channel's losses):
-        None when a fast loss cannot lie in its bracket.
+        and move the argmin.
+
+        Raises:
+            _BracketMissed: with `brackets` ([K] low and high of one channel's losses), a
+                fast loss that cannot lie in its bracket.
         """
         loss, terms, partials = self._losses(scales, lo, hi, device, lo_floor, wide=False)
         if device.type not in _FLOAT64_DEVICES:
@@ -361,7 +370,7 @@ class IfmrObserver(Observer):
             low, high = brackets
             fast = loss[:, 0].to(torch.float64)
             if bound >= 1.0 or not bool(((fast <= high * (1.0 + bound)) & (fast >= low * (1.0 - bound))).all()):
-                return None
+                raise _BracketMissed
         if bound < 1.0:
             threshold = loss.amin(dim=0, keepdim=True) * ((1.0 + bound) / (1.0 - bound))
             contenders = loss <= threshold
