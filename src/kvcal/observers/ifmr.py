@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from kvcal.observers.base import Observer
+from kvcal.observers.chunks import float32_chunks
 from kvcal.observers.ifmr_prune import loss_brackets
 from kvcal.params import IfmrParams, QuantSettings
 from kvcal.quant import EPS, QParams
@@ -67,38 +67,6 @@ def candidate_ratios(start: float, end: float, step: float) -> Tensor:
     ((1.3 - 0.7) / 0.01 = 60.00000000000001), as the reference toolkit does.
     """
     return torch.arange(float(start), float(end), float(step), dtype=torch.float32)
-
-
-def _float32_chunks(parts: list[Tensor], rows: int, glue: bool = True) -> Iterator[Tensor]:
-    """Walk `parts` ([n_b, C] each, any float dtype) as float32 chunks of at most `rows` rows.
-
-    Small parts are concatenated so that many tiny batches do not mean many tiny chunks;
-    with `glue` False each part is cut on its own (no copy where it is already float32).
-    """
-    if not glue:
-        for part in parts:
-            for start in range(0, int(part.shape[0]), rows):
-                yield part[start : start + rows].to(torch.float32)
-        return
-    pending: list[Tensor] = []
-    pending_rows = 0
-    for part in parts:
-        start = 0
-        total = int(part.shape[0])
-        while start < total:
-            take = min(rows - pending_rows, total - start)
-            piece = part[start : start + take].to(torch.float32)
-            start += take
-            if not pending and take == rows:
-                yield piece
-                continue
-            pending.append(piece)
-            pending_rows += take
-            if pending_rows == rows:
-                yield torch.cat(pending)
-                pending, pending_rows = [], 0
-    if pending:
-        yield pending[0] if len(pending) == 1 else torch.cat(pending)
 
 
 def _running_topk(top: Tensor | None, chunk: Tensor, k: int, largest: bool) -> Tensor:
@@ -409,7 +377,7 @@ class IfmrObserver(Observer):
         # glued together first (a copy of all the data). Small ones are still glued.
         extremes = k_max == 1 and k_min == 1
         glue = not extremes or n * channels < _GLUE_BELOW * len(self._parts)
-        for chunk in _float32_chunks(self._parts, rows, glue):
+        for chunk in float32_chunks(self._parts, rows, glue):
             if extremes:
                 high, low = chunk.amax(dim=0), chunk.amin(dim=0)
                 top = high if top is None else torch.maximum(top, high)
@@ -488,7 +456,7 @@ class IfmrObserver(Observer):
         free_lo, free_hi = (float(lo.max()), float(hi.min())) if check_free else (0.0, 0.0)
         hits = misses = 0
         partials = 0
-        for chunk in _float32_chunks(self._parts, rows):
+        for chunk in float32_chunks(self._parts, rows):
             partials += 1
             n = chunk.shape[0]
             free = False

@@ -30,11 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kvcal.observers.chunks import float32_chunks
+
 __all__ = ["LossBrackets", "loss_brackets"]
 
 # Bins of the histogram: the brackets' width falls with the square of the bin count.
 BINS = 1 << 16
-# Rows of stored values converted to float32 at a time.
+# Values converted to float32 and binned at a time.
 _CHUNK = 1 << 20
 # Prefix sums run in blocks of this length (error bound grows with the block length, not B).
 _BLOCK = 256
@@ -69,7 +71,8 @@ class _Moments:
     abs_first: float  # the sum over bins of count * |centre|
 
 
-def _moments(parts: list[Tensor], a: float, e: float, bins: int) -> _Moments:
+def _moments(parts: list[Tensor], a: float, e: float, bins: int, far: bool) -> _Moments:
+    """The histogram over [a, e]; `far`: some value lies outside it (else no chunk is checked)."""
     device = parts[0].device
     a32 = torch.tensor(a, dtype=torch.float32, device=device)
     e32 = torch.tensor(e, dtype=torch.float32, device=device)
@@ -79,12 +82,9 @@ def _moments(parts: list[Tensor], a: float, e: float, bins: int) -> _Moments:
     s1 = torch.zeros_like(count)
     s2 = torch.zeros_like(count)
     outside = torch.zeros(2, 3, dtype=torch.float64, device=device)
-    values = 0
-    for part in parts:
-        flat = part.reshape(-1)
-        values += flat.numel()
-        for start in range(0, flat.numel(), _CHUNK):
-            x = flat[start : start + _CHUNK].to(torch.float32)
+    for chunk in float32_chunks(parts, _CHUNK):
+        x = chunk.reshape(-1)
+        if far:
             low, high = torch.aminmax(x)
             if bool(low < a32) or bool(high > e32):
                 for row, mask in enumerate((x < a32, x > e32)):
@@ -93,15 +93,15 @@ def _moments(parts: list[Tensor], a: float, e: float, bins: int) -> _Moments:
                     outside[row, 1] += out.sum()
                     outside[row, 2] += out.square().sum()
                 x = x[(x >= a32) & (x <= e32)]
-            if x.numel() == 0:
-                continue
-            index = torch.sub(x, a32).mul_(inv_w32).floor_().clamp_(0, bins - 1)
-            bin_of = index.to(torch.int32)  # bincount takes int32, converted 3x faster than int64
-            centre = index.add_(0.5).mul_(w32).add_(a32)  # same float32 operations as `centers` below
-            d = torch.sub(x, centre).to(torch.float64)
-            count += torch.bincount(bin_of, minlength=bins).to(torch.float64)
-            s1 += torch.bincount(bin_of, weights=d, minlength=bins)
-            s2 += torch.bincount(bin_of, weights=d.square_(), minlength=bins)
+                if x.numel() == 0:
+                    continue
+        index = torch.sub(x, a32).mul_(inv_w32).floor_().clamp_(0, bins - 1)
+        bin_of = index.to(torch.int32)  # bincount takes int32, converted 3x faster than int64
+        centre = index.add_(0.5).mul_(w32).add_(a32)  # same float32 operations as `centers` below
+        d = torch.sub(x, centre).to(torch.float64)
+        count += torch.bincount(bin_of, minlength=bins).to(torch.float64)
+        s1 += torch.bincount(bin_of, weights=d, minlength=bins)
+        s2 += torch.bincount(bin_of, weights=d.square_(), minlength=bins)
     centers = (
         torch.arange(bins, dtype=torch.float32, device=device).add_(0.5).mul_(w32).add_(a32).to(torch.float64)
     )
@@ -113,7 +113,7 @@ def _moments(parts: list[Tensor], a: float, e: float, bins: int) -> _Moments:
         m2=count * centers.square() + 2.0 * centers * s1 + s2,
         below=below,  # type: ignore[arg-type]
         above=above,  # type: ignore[arg-type]
-        values=values,
+        values=sum(int(part.shape[0]) for part in parts),
         abs_first=float((count * centers.abs()).sum()),
     )
 
@@ -184,17 +184,20 @@ class _Candidates:
     q_hi: Tensor
 
 
-def _histogram_range(parts: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[float, float] | None:
+def _histogram_range(parts: list[Tensor], lo: Tensor, hi: Tensor) -> tuple[float, float, bool] | None:
     """[a, e]: every candidate's clip range, grown by up to a quarter to take in the values
-    just outside it (usually the few beyond the percentile bounds; farther ones are summed
-    apart). None when every clip range is one point."""
+    just outside it (usually the few beyond the percentile bounds), and whether values
+    lie farther out (summed apart). None when every clip range is one point."""
     a, e = float(lo.min()), float(hi.max())
     if not (math.isfinite(a) and math.isfinite(e) and e > a):
         return None
-    smallest = min(float(part.min()) for part in parts)
-    largest = max(float(part.max()) for part in parts)
+    extremes = [torch.aminmax(part) for part in parts]
+    smallest = min(float(low) for low, _ in extremes)
+    largest = max(float(high) for _, high in extremes)
     grow = _GROW * (e - a)
-    return (smallest if a - grow <= smallest < a else a), (largest if e < largest <= e + grow else e)
+    a = smallest if a - grow <= smallest < a else a
+    e = largest if e < largest <= e + grow else e
+    return a, e, smallest < a or largest > e
 
 
 def _breakpoints(c: _Candidates) -> Tensor | None:
@@ -278,8 +281,8 @@ def loss_brackets(
     points = _breakpoints(c)
     if points is None:
         return None
-    a, e = span
-    m = _moments(parts, a, e, bins)
+    a, e, far = span
+    m = _moments(parts, a, e, bins, far)
     # Where a value of bin j can be: its centre +- (half a bin + the float32 error of the
     # bin index (3 roundings of a value up to `bins`) + the float32 rounding of the centre).
     width = (e - a) / bins
