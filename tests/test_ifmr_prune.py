@@ -26,21 +26,26 @@ PARAMS = [
 ]
 
 
-def exact_losses(x: torch.Tensor, settings_: QuantSettings) -> torch.Tensor:
-    """Every candidate's loss, scored on every value with float64 sums (the search's own definition)."""
+def candidates(
+    x: torch.Tensor, settings_: QuantSettings
+) -> tuple[IfmrObserver, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """An observer holding `x` as one channel, its (max_init, min_init), and the candidates'
+    (scales, lo, hi) exactly as the search builds them."""
     observer = IfmrObserver(settings_)
     observer._parts = [x.reshape(-1, 1)]
-    max_init, min_init = observer._initial_bounds(x.numel(), 1)
-    scales, lo, hi = observer._candidates(max_init, min_init)
+    bounds = observer._initial_bounds(x.numel(), 1)
+    return observer, bounds, observer._candidates(*bounds)
+
+
+def exact_losses(x: torch.Tensor, settings_: QuantSettings) -> torch.Tensor:
+    """Every candidate's loss, scored on every value with float64 sums (the search's own definition)."""
+    observer, _, (scales, lo, hi) = candidates(x, settings_)
     loss, _, _ = observer._losses(scales, lo, hi, torch.device("cpu"), False, wide=True)
     return loss[:, 0]
 
 
 def brackets_of(x: torch.Tensor, settings_: QuantSettings, bins: int) -> LossBrackets | None:
-    observer = IfmrObserver(settings_)
-    observer._parts = [x.reshape(-1, 1)]
-    max_init, min_init = observer._initial_bounds(x.numel(), 1)
-    scales, lo, hi = observer._candidates(max_init, min_init)
+    observer, _, (scales, lo, hi) = candidates(x, settings_)
     return loss_brackets(observer._parts, scales[:, 0], lo[:, 0], hi[:, 0], bins)
 
 
@@ -74,10 +79,7 @@ def test_brackets_hold_on_rounding_boundaries_and_clip_bounds(asymmetric: bool) 
     # boundaries and clip bounds: where float32 division can pick the other code.
     base = make_data("normal", (2000,), seed=5)
     settings_ = ifmr_settings(0, asymmetric)
-    observer = IfmrObserver(settings_)
-    observer._parts = [base.reshape(-1, 1)]
-    max_init, min_init = observer._initial_bounds(base.numel(), 1)
-    scales, lo, hi = observer._candidates(max_init, min_init)
+    _, (max_init, min_init), (scales, lo, hi) = candidates(base, settings_)
     points = []
     for i in range(0, scales.shape[0], 6):
         s = scales[i, 0]
