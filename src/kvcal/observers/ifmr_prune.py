@@ -82,7 +82,7 @@ def _moments(parts: list[Tensor], a: float, e: float, bins: int, far: bool) -> _
     s1 = torch.zeros_like(count)
     s2 = torch.zeros_like(count)
     outside = torch.zeros(2, 3, dtype=torch.float64, device=device)
-    for chunk in float32_chunks(parts, _CHUNK):
+    for chunk in float32_chunks(parts, _CHUNK, glue=False):  # no copy of float32 parts
         x = chunk.reshape(-1)
         if far:
             low, high = torch.aminmax(x)
